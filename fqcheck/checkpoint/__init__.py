@@ -1,0 +1,135 @@
+"""The read side: what a checkpoint directory holds, parsed lazily and never trusted."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .safetensors import SafetensorsHeader, TensorEntry, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+STATE_NAME = "vllm_fq_modelopt_state.pth"
+BACKUP_DIR = ".fqcheck"  # fix backups and journal live here; loaders and lint ignore it
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
+MAX_JSON_BYTES = 64 << 20  # index/config files larger than this are hostile, not checkpoints
+
+
+class CheckpointError(Exception):
+    """The path cannot be linted at all (missing, not a directory or checkpoint file)."""
+
+
+@dataclass
+class JsonFile:
+    name: str
+    data: Any = None
+    error: str | None = None  # set when the file is unreadable or not JSON
+
+
+class Checkpoint:
+    def __init__(self, root: Path, only: str | None = None):
+        self.root = root
+        self._only = only
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+        p = Path(path)
+        if p.is_dir():
+            return cls(p)
+        if p.is_file() and (p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES):
+            return cls(p.parent, only=p.name)
+        if not p.exists():
+            raise CheckpointError(f"{path}: no such file or directory")
+        raise CheckpointError(f"{path}: not a checkpoint directory or a .safetensors/.bin/.pth file")
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @cached_property
+    def names(self) -> list[str]:
+        """Top-level regular files (or links to them), sorted."""
+        if self._only is not None:
+            return [self._only]
+        out = []
+        with os.scandir(self.root) as it:
+            for e in it:
+                if e.name == BACKUP_DIR:
+                    continue
+                try:
+                    if e.is_file():  # follows links: a cache snapshot's files are links into blobs/
+                        out.append(e.name)
+                except OSError:
+                    continue
+        return sorted(out)
+
+    @cached_property
+    def safetensors_names(self) -> list[str]:
+        return [n for n in self.names if n.endswith(".safetensors")]
+
+    @cached_property
+    def pickle_names(self) -> list[str]:
+        return [n for n in self.names if n.endswith(PICKLE_SUFFIXES)]
+
+    @cached_property
+    def _headers(self) -> dict[str, SafetensorsHeader]:
+        return {n: read_header(self.path(n)) for n in self.safetensors_names}
+
+    def header(self, name: str) -> SafetensorsHeader:
+        h = self._headers.get(name)
+        if h is None:  # e.g. a shard named by the index in a subfolder
+            h = self._headers[name] = read_header(self.path(name))
+        return h
+
+    def headers(self) -> dict[str, SafetensorsHeader]:
+        return self._headers
+
+    @cached_property
+    def tensor_files(self) -> dict[str, list[str]]:
+        """Tensor name -> the safetensors files that hold it (normally one)."""
+        where: dict[str, list[str]] = {}
+        for fname, h in self._headers.items():
+            for t in h.tensors:
+                where.setdefault(t, []).append(fname)
+        return where
+
+    def tensor(self, name: str) -> tuple[str, TensorEntry] | None:
+        files = self.tensor_files.get(name)
+        if not files:
+            return None
+        return files[0], self._headers[files[0]].tensors[name]
+
+    @cached_property
+    def index(self) -> JsonFile | None:
+        return self._json(INDEX_NAME)
+
+    @cached_property
+    def config(self) -> JsonFile | None:
+        return self._json(CONFIG_NAME)
+
+    def _json(self, name: str) -> JsonFile | None:
+        if self._only is not None or name not in self.names:
+            return None
+        return load_json(self.path(name), name)
+
+
+def load_json(path: Path, name: str) -> JsonFile:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        return JsonFile(name, error=f"cannot read: {e.strerror or e}")
+    if len(raw) > MAX_JSON_BYTES:
+        return JsonFile(name, error=f"larger than {MAX_JSON_BYTES >> 20} MiB")
+    try:
+        return JsonFile(name, data=json.loads(raw.decode("utf-8")))
+    except UnicodeDecodeError as e:
+        return JsonFile(name, error=f"not UTF-8 (byte {e.start})")
+    except (ValueError, RecursionError) as e:
+        return JsonFile(name, error=f"invalid JSON: {str(e).splitlines()[0][:200]}")
+
+
+__all__ = ["Checkpoint", "CheckpointError", "JsonFile", "SafetensorsHeader", "TensorEntry",
+           "INDEX_NAME", "CONFIG_NAME", "STATE_NAME", "BACKUP_DIR", "load_json"]

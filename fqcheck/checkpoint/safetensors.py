@@ -1,0 +1,227 @@
+"""Strict, pure-Python safetensors header reader.
+
+Validates what the reference Rust reader validates (safetensors/src/tensor.rs: header length vs
+file size and the 100 MB cap, UTF-8 JSON object, dtype, shape, offsets contiguous from 0, byte size
+= numel x itemsize, buffer ends at end of file) but, instead of stopping at the first error, records
+every problem with its kind so each maps to one rule. It never reads or allocates more than the
+real header bytes, whatever the header claims.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+MAX_HEADER_SIZE = 100_000_000  # the reference reader's cap
+_U64_LIMIT = 1 << 64
+
+# Bits per element, as the reference reader knows them (sub-byte types pack).
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8,
+    "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+# Problem kinds; each is reported by one SFT rule.
+UNREADABLE = "unreadable"  # SFT001
+BAD_ENTRY = "entry"        # SFT002
+OVERLAP = "overlap"        # SFT003
+BUFFER = "buffer"          # SFT004
+DUPLICATE = "duplicate"    # SFT005
+METADATA = "metadata"      # SFT006
+
+
+class TensorEntry(NamedTuple):
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # offsets relative to the start of the data buffer
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class Problem(NamedTuple):
+    kind: str
+    message: str
+    tensor: str | None = None
+
+
+@dataclass
+class SafetensorsHeader:
+    path: Path
+    file_size: int
+    data_start: int = 0  # absolute offset of the data buffer (8 + header length)
+    metadata: dict | None = None
+    tensors: dict[str, TensorEntry] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def readable(self) -> bool:
+        return not any(p.kind == UNREADABLE for p in self.problems)
+
+    def problems_of(self, kind: str) -> list[Problem]:
+        return [p for p in self.problems if p.kind == kind]
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and validate one safetensors file's header. Never raises on bad content."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            hdr = SafetensorsHeader(path, size)
+            if size < 8:
+                return _unreadable(hdr, f"file is {size} bytes, shorter than the 8-byte length prefix")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_SIZE:
+                return _unreadable(hdr, f"header length {n} exceeds the 100 MB cap")
+            if 8 + n > size:
+                return _unreadable(hdr, f"header length {n} runs past the end of the {size}-byte file")
+            raw = f.read(n)
+    except OSError as e:
+        hdr = SafetensorsHeader(path, 0)
+        return _unreadable(hdr, f"cannot read file: {e.strerror or e}")
+    hdr.data_start = 8 + n
+    _parse(hdr, raw)
+    return hdr
+
+
+def _unreadable(hdr: SafetensorsHeader, message: str) -> SafetensorsHeader:
+    hdr.problems.append(Problem(UNREADABLE, message))
+    return hdr
+
+
+def _pairs_keep_duplicates(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dups = [k for k, _ in pairs if k in seen or seen.add(k)]
+        d[_DUPS] = dups
+    return d
+
+
+_MISSING = object()
+_DUPS = "\x00duplicates"  # cannot collide with a real key: JSON keys from the file are decoded text
+
+
+def _parse(hdr: SafetensorsHeader, raw: bytes) -> None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _unreadable(hdr, f"header is not valid UTF-8 (byte {e.start})")
+        return
+    if not text.startswith("{"):
+        _unreadable(hdr, "header does not start with '{'")
+        return
+    try:
+        obj = json.loads(text, object_pairs_hook=_pairs_keep_duplicates)
+    except (ValueError, RecursionError) as e:
+        _unreadable(hdr, f"header is not valid JSON: {str(e).splitlines()[0][:200]}")
+        return
+    if not isinstance(obj, dict):
+        _unreadable(hdr, "header JSON is not an object")
+        return
+
+    for name in obj.pop(_DUPS, ()):
+        hdr.problems.append(Problem(DUPLICATE, f"tensor name {name!r} appears more than once in the header", name))
+
+    _check_metadata(hdr, obj.pop("__metadata__", _MISSING))
+    data_size = hdr.file_size - hdr.data_start
+    ranges: list[TensorEntry] = []
+    tensors = hdr.tensors
+    bad = hdr.problems.append
+    for name, info in obj.items():
+        entry = _entry(name, info, bad)
+        if entry is not None:
+            tensors[name] = entry
+            ranges.append(entry)
+    _check_layout(hdr, ranges, data_size)
+
+
+def _check_metadata(hdr: SafetensorsHeader, meta) -> None:
+    if meta is _MISSING:
+        hdr.problems.append(Problem(METADATA, "__metadata__ is missing; transformers expects {\"format\": \"pt\"}"))
+        return
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        hdr.problems.append(Problem(METADATA, "__metadata__ must map strings to strings; the reference reader rejects this header"))
+        return
+    meta.pop(_DUPS, None)
+    hdr.metadata = meta
+    if meta.get("format") != "pt":
+        hdr.problems.append(Problem(METADATA, f"__metadata__ format is {meta.get('format')!r}, not 'pt'; transformers refuses to load it"))
+
+
+def _is_uint(v) -> bool:
+    return type(v) is int and 0 <= v < _U64_LIMIT
+
+
+def _entry(name: str, info, bad) -> TensorEntry | None:
+    """Validate one tensor entry; report problems through `bad`; return the entry if its offsets
+    are usable for the layout checks (even when dtype/shape are wrong)."""
+    if not isinstance(info, dict):
+        bad(Problem(BAD_ENTRY, f"entry is a {type(info).__name__}, not an object", name))
+        return None
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and _is_uint(offsets[0]) and _is_uint(offsets[1])):
+        bad(Problem(BAD_ENTRY, f"data_offsets {_short(offsets)} is not a pair of unsigned 64-bit integers", name))
+        return None
+    begin, end = offsets
+    if end < begin:
+        bad(Problem(BAD_ENTRY, f"data_offsets [{begin}, {end}] end before they begin", name))
+        return None
+    if not (isinstance(shape, list) and all(_is_uint(d) for d in shape)):
+        bad(Problem(BAD_ENTRY, f"shape {_short(shape)} is not a list of unsigned integers", name))
+        return TensorEntry(name, str(dtype), (), begin, end)
+    bits = DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
+    if bits is None:
+        bad(Problem(BAD_ENTRY, f"unknown dtype {_short(dtype)}", name))
+        return TensorEntry(name, str(dtype), tuple(shape), begin, end)
+    numel = 1
+    for d in shape:  # stop early: a hostile shape must not build a huge integer
+        numel *= d
+        if numel >= _U64_LIMIT:
+            bad(Problem(BAD_ENTRY, f"shape {_short(shape)} overflows 64-bit element count", name))
+            return TensorEntry(name, dtype, tuple(shape), begin, end)
+    nbits = numel * bits
+    if nbits % 8:
+        bad(Problem(BAD_ENTRY, f"{numel} elements of {dtype} is not a whole number of bytes", name))
+    elif nbits // 8 != end - begin:
+        bad(Problem(BAD_ENTRY, f"byte size {end - begin} != {numel} elements x {dtype} ({nbits // 8} bytes)", name))
+    return TensorEntry(name, dtype, tuple(shape), begin, end)
+
+
+def _check_layout(hdr: SafetensorsHeader, ranges: list[TensorEntry], data_size: int) -> None:
+    ranges.sort(key=lambda e: (e.begin, e.end))
+    pos = 0
+    last = None
+    for e in ranges:
+        if e.begin < pos:
+            hdr.problems.append(Problem(OVERLAP, f"data [{e.begin}, {e.end}) overlaps {last.name!r} [{last.begin}, {last.end})", e.name))
+        elif e.begin > pos:
+            hdr.problems.append(Problem(BUFFER, f"{e.begin - pos} unused bytes before this tensor's data (gap at {pos})", e.name))
+        if e.end > pos:
+            pos, last = e.end, e
+    if pos > data_size:
+        who = last.name if last else None
+        hdr.problems.append(Problem(BUFFER, f"file is truncated: data ends at byte {data_size} of the buffer but tensors need {pos}", who))
+    elif pos < data_size:
+        hdr.problems.append(Problem(BUFFER, f"{data_size - pos} trailing bytes after the last tensor's data"))
+
+
+def _short(v) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."

@@ -1,0 +1,1 @@
+"""Checks, one module per rule family. Each registers its functions with @engine.check(CODE)."""

@@ -1,0 +1,122 @@
+"""Command line: a thin typer app over fqcheck.api."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Validate and repair quantized Hugging Face checkpoints before serving.")
+
+EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+
+
+def _fail(message: str) -> "typer.Exit":
+    typer.echo(f"fqcheck: {message}", err=True)
+    return typer.Exit(EXIT_ERROR)
+
+
+def _split(values: Optional[List[str]]) -> list[str]:
+    return [p for v in values or [] for p in v.split(",") if p.strip()]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fqcheck {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+@app.command()
+def lint(
+    path: Path = typer.Argument(..., help="Checkpoint directory, or one .safetensors/.bin file."),
+    select: Optional[List[str]] = typer.Option(None, "--select", help="Codes or prefixes to run (QNT,IDX001)."),
+    ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Codes or prefixes to skip."),
+    fmt: str = typer.Option("text", "--format", "-f", help="text or json."),
+    fail_on: str = typer.Option("error", "--fail-on", help="error, warning or never."),
+    exit_zero: bool = typer.Option(False, "--exit-zero", help="Exit 0 even when findings fail the run."),
+    deep: bool = typer.Option(False, "--deep", help="Also read tensor data (slower)."),
+    arch: bool = typer.Option(False, "--arch", help="Also check tensors against the architecture in config.json."),
+    rules: Optional[List[Path]] = typer.Option(None, "--rules", help="Extra folder of declarative rules."),
+    output_file: Optional[Path] = typer.Option(None, "--output-file", "-o", help="Write the report here."),
+    statistics: bool = typer.Option(False, "--statistics", help="Print a count per code."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the summary (text format)."),
+) -> None:
+    """Report what is wrong with a checkpoint. Exit 0 clean, 1 findings, 2 usage or internal error."""
+    from .api import FAIL_ON, lint as run_lint
+    from .catalog import CatalogError
+    from .checkpoint import CheckpointError
+    from .engine import CheckCrashed
+    from .report import FORMATS, render
+
+    if fmt not in FORMATS:
+        raise _fail(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fail_on not in FAIL_ON:
+        raise _fail(f"unknown --fail-on {fail_on!r}; choose from {', '.join(FAIL_ON)}")
+    try:
+        report = run_lint(path, select=_split(select), ignore=_split(ignore), deep=deep, arch=arch,
+                          rules_dirs=rules or ())
+    except (CheckpointError, CatalogError) as e:
+        raise _fail(str(e))
+    except CheckCrashed as e:
+        if os.environ.get("FQCHECK_DEBUG"):
+            raise
+        raise _fail(f"internal error: {e} (set FQCHECK_DEBUG=1 for a traceback)")
+    color = output_file is None and sys.stdout.isatty()
+    kw = {"color": color, "quiet": quiet, "statistics": statistics} if fmt == "text" else {}
+    out = render(report, fmt, **kw)
+    if output_file:
+        output_file.write_text(out, encoding="utf-8")
+    else:
+        sys.stdout.write(out)
+    raise typer.Exit(EXIT_FINDINGS if report.failed(fail_on) and not exit_zero else EXIT_CLEAN)
+
+
+@app.command("rules")
+def list_rules(fmt: str = typer.Option("text", "--format", "-f", help="text or json.")) -> None:
+    """List the rule catalog."""
+    import json
+
+    from .catalog import load_catalog
+
+    catalog = load_catalog()
+    if fmt == "json":
+        typer.echo(json.dumps([{"code": r.code, "name": r.name, "severity": r.severity, "level": r.level,
+                                "fix": r.fix, "summary": r.summary} for r in catalog.values()], indent=2))
+        return
+    for r in sorted(catalog.values(), key=lambda r: r.code):
+        level = "" if r.level == "header" else f" [{r.level}]"
+        fix = "" if r.fix == "no" else f" (fix: {r.fix})"
+        typer.echo(f"{r.code}  {r.severity:<7} {r.name}{level}{fix}\n        {r.summary}")
+
+
+@app.command()
+def explain(code: str = typer.Argument(..., help="A rule code, e.g. QNT001.")) -> None:
+    """Print one rule's page: what it finds, why it matters, what the fix does."""
+    from .catalog import load_catalog
+
+    rule = load_catalog().get(code.upper())
+    if rule is None:
+        raise _fail(f"no rule {code!r}; `fqcheck rules` lists them")
+    fix = {"safe": "safe fix", "unsafe": "unsafe fix (needs --unsafe-fixes)", "no": "not fixable"}[rule.fix]
+    lines = [f"{rule.code} {rule.name}", "", rule.summary, "",
+             f"Severity: {rule.severity}   Level: {rule.level}   Fix: {fix}"]
+    if rule.why:
+        lines += ["", "Why it matters", rule.why]
+    if rule.fix_description:
+        lines += ["", "What the fix does", rule.fix_description]
+    typer.echo("\n".join(lines))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,125 @@
+"""The rules engine: ties each catalog rule to its check, runs the selected ones, collects findings."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+from .catalog import SEVERITIES, Rule
+from .checkpoint import Checkpoint
+
+SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: str
+    message: str
+    file: str | None = None
+    tensor: str | None = None
+    fixable: str = "no"  # "safe", "unsafe" or "no"
+    fix: object = field(default=None, compare=False, repr=False)  # an edit from fqcheck.fix.edits
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "severity": self.severity, "file": self.file,
+                "tensor": self.tensor, "message": self.message, "fixable": self.fixable}
+
+
+@dataclass
+class Hit:
+    """What a check yields; the engine adds code, default severity and fixability from the catalog."""
+    message: str
+    file: str | None = None
+    tensor: str | None = None
+    severity: str | None = None  # override, for rules whose severity depends on the case
+    fixable: str | None = None   # override, e.g. safe only when bytes are equal
+    fix: object = None
+
+
+CheckFn = Callable[..., Iterable[Hit]]
+_CHECKS: dict[str, CheckFn] = {}
+
+
+class CheckCrashed(Exception):
+    """A check raised: a bug in fqcheck, reported as an internal error (exit 2)."""
+
+    def __init__(self, code: str, exc: BaseException):
+        super().__init__(f"check {code} failed: {type(exc).__name__}: {exc}")
+        self.code = code
+
+
+def check(*codes: str):
+    """Register a function as the check for one or more rule codes."""
+    def register(fn: CheckFn) -> CheckFn:
+        for c in codes:
+            if c in _CHECKS:
+                raise RuntimeError(f"two checks registered for {c}")
+            _CHECKS[c] = fn
+        return fn
+    return register
+
+
+def registered() -> dict[str, CheckFn]:
+    _import_checks()
+    return dict(_CHECKS)
+
+
+_imported = False
+
+
+def _import_checks() -> None:
+    global _imported
+    if not _imported:
+        from . import checks
+        for m in pkgutil.iter_modules(checks.__path__):
+            importlib.import_module(f"{checks.__name__}.{m.name}")
+        _imported = True
+
+
+def matches(code: str, patterns: Iterable[str]) -> bool:
+    return any(code.startswith(p) for p in patterns)
+
+
+def select_rules(catalog: dict[str, Rule], select=None, ignore=None, levels=("header",)) -> list[Rule]:
+    """Rules whose code matches a --select prefix (default all) and no --ignore prefix. A rule of
+    another level (deep, arch) runs only when its level is on, or when selected by its exact code."""
+    select = [s.strip().upper() for s in (select or []) if s.strip()]
+    ignore = [s.strip().upper() for s in (ignore or []) if s.strip()]
+    out = []
+    for code, rule in sorted(catalog.items()):
+        if select and not matches(code, select):
+            continue
+        if matches(code, ignore):
+            continue
+        if rule.level not in levels and code not in select:
+            continue
+        out.append(rule)
+    return out
+
+
+def run(ckpt: Checkpoint, rules: list[Rule], options: dict | None = None) -> list[Finding]:
+    _import_checks()
+    options = options or {}
+    findings: list[Finding] = []
+    for rule in rules:
+        fn = _CHECKS.get(rule.code)
+        if fn is None:
+            from .checks.declarative import evaluate
+            hits: Iterator[Hit] = evaluate(rule, ckpt)
+        else:
+            hits = fn(ckpt, **options) if _wants_options(fn) else fn(ckpt)
+        try:
+            for h in hits:
+                findings.append(Finding(
+                    code=rule.code, severity=h.severity or rule.severity, message=h.message,
+                    file=h.file, tensor=h.tensor, fixable=h.fixable or rule.fix, fix=h.fix))
+        except Exception as e:  # noqa: BLE001 - a crashing check is our bug, never the user's traceback
+            raise CheckCrashed(rule.code, e) from e
+    findings.sort(key=lambda f: (f.file or "", -SEVERITY_RANK[f.severity], f.code, f.tensor or ""))
+    return findings
+
+
+def _wants_options(fn: CheckFn) -> bool:
+    return fn.__code__.co_flags & 0x08 != 0  # accepts **kwargs
