@@ -1,0 +1,1 @@
+"""Fixing: findings carry edits; the planner merges them per file; the writer applies them crash-safely."""
