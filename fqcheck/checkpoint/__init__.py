@@ -75,12 +75,18 @@ class Checkpoint:
 
     @cached_property
     def _headers(self) -> dict[str, SafetensorsHeader]:
-        return {n: read_header(self.path(n)) for n in self.safetensors_names}
+        return {n: self.header(n) for n in self.safetensors_names}
+
+    @cached_property
+    def _header_cache(self) -> dict[str, SafetensorsHeader]:
+        return {}
 
     def header(self, name: str) -> SafetensorsHeader:
-        h = self._headers.get(name)
-        if h is None:  # e.g. a shard named by the index in a subfolder
-            h = self._headers[name] = read_header(self.path(name))
+        """One file's header, read on first use: IDX reads only the shards it has checked are
+        inside the checkpoint (also e.g. a shard the index names in a subfolder)."""
+        h = self._header_cache.get(name)
+        if h is None:
+            h = self._header_cache[name] = read_header(self.path(name))
         return h
 
     def headers(self) -> dict[str, SafetensorsHeader]:

@@ -1,0 +1,467 @@
+"""IDX: model.safetensors.index.json against the shards it names and the files beside it.
+
+What the loaders do with the index (read from their code):
+- transformers (utils/hub.py get_checkpoint_shard_files) reads index["metadata"] and the *set* of
+  weight_map values, opens each of those files and loads every tensor in them (a later file wins
+  a duplicate name); accelerate-style disk offload looks tensors up through weight_map.
+- vLLM (weight_utils.filter_duplicate_safetensors_files) loads only the *.safetensors files that
+  weight_map names when the index exists, and every *.safetensors in the folder when it does not.
+So the index decides which files are read at all; the per-tensor mapping matters to the tools that
+use it for lookups. Nothing here opens a path that escapes the checkpoint directory (IDX009).
+"""
+from __future__ import annotations
+
+import os
+import re
+import weakref
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path, PureWindowsPath
+from typing import Iterator
+
+from ..catalog import schema_path
+from ..checkpoint import INDEX_NAME, Checkpoint, SafetensorsHeader
+from ..checkpoint import safetensors as st
+from ..engine import Hit, check
+from ..fix.edits import DropTensor, RebuildIndex, RetireFile
+
+SCHEMA = "index.schema.json"
+CHUNK = 8 << 20  # bytes compared at a time when two copies of a tensor are checked for equality
+_MAX_SCHEMA_ERRORS = 5
+
+
+@dataclass
+class IndexView:
+    """The index as the loaders would use it, and which shard files can be trusted and read."""
+    present: bool = False                 # an index file exists
+    problems: list[str] = field(default_factory=list)  # IDX002
+    weight_map: dict[str, str] | None = None  # tensor -> normalized shard path (usable entries)
+    total_size: int | None = None         # metadata.total_size, when it is a valid integer
+    members: list[str] = field(default_factory=list)  # shards loaders read (normalized, sorted)
+    escapes: dict[str, str] = field(default_factory=dict)  # path -> why it escapes (IDX009)
+    missing: dict[str, str] = field(default_factory=dict)  # member path -> why it cannot be read
+    shards: dict[str, SafetensorsHeader] = field(default_factory=dict)  # member -> header (safe, exists)
+
+    @property
+    def usable(self) -> bool:
+        return self.weight_map is not None
+
+
+_VIEWS: "weakref.WeakKeyDictionary[Checkpoint, IndexView]" = weakref.WeakKeyDictionary()
+
+
+def index_view(ckpt: Checkpoint) -> IndexView:
+    """Computed once per Checkpoint and shared by the IDX checks (and the index rebuild)."""
+    v = _VIEWS.get(ckpt)
+    if v is None:
+        v = _VIEWS[ckpt] = _build(ckpt)
+    return v
+
+
+def _build(ckpt: Checkpoint) -> IndexView:
+    v = IndexView()
+    allowed = _allowed_roots(ckpt.root)
+    idx = ckpt.index
+    raw_paths: list[str] = []
+    if idx is not None:
+        v.present = True
+        if idx.error:
+            v.problems.append(idx.error)
+        else:
+            v.problems = _schema_problems(idx.data)
+            data = idx.data
+            wm = data.get("weight_map") if isinstance(data, dict) else None
+            if isinstance(wm, dict):
+                raw = {t: s for t, s in wm.items() if _path_string(s)}
+                raw_paths = sorted(set(raw.values()))
+                v.weight_map = {t: _norm(s) for t, s in raw.items()}
+            meta = data.get("metadata") if isinstance(data, dict) else None
+            if isinstance(meta, dict) and _size_value(meta.get("total_size")) is not None:
+                v.total_size = _size_value(meta["total_size"])
+    if not v.usable:
+        raw_paths = list(ckpt.safetensors_names)  # no usable index: loaders glob *.safetensors
+
+    for raw in raw_paths:
+        name = _norm(raw)
+        why = _escape(ckpt.root, raw, allowed)
+        if why:
+            v.escapes.setdefault(name, why)
+        elif name not in v.members:
+            v.members.append(name)
+    # A top-level .safetensors link that leads outside is never read either, index or not.
+    for name in ckpt.safetensors_names:
+        if name not in v.escapes and os.path.islink(ckpt.path(name)):
+            why = _escape(ckpt.root, name, allowed)
+            if why:
+                v.escapes[name] = why
+    v.members = sorted(m for m in v.members if m not in v.escapes)
+    for name in v.members:
+        why = _unreadable_path(ckpt.root / name)
+        if why:
+            v.missing[name] = why
+        else:
+            v.shards[name] = ckpt.header(name)
+    return v
+
+
+# ---- paths ------------------------------------------------------------------------------------
+
+def _path_string(s) -> bool:
+    """An index value a loader could join with the directory (same test as the schema's)."""
+    return isinstance(s, str) and s != "" and "\x00" not in s
+
+
+def _norm(s: str) -> str:
+    return os.path.normpath(s)
+
+
+def _allowed_roots(root: Path) -> list[str]:
+    """Real paths a shard may resolve into: the checkpoint dir and, for a Hugging Face cache
+    snapshot (models--org--name/snapshots/<rev>/...), that cache repo's blobs/ folder."""
+    real = Path(os.path.realpath(root))
+    roots = [str(real)]
+    for anc in (real, *real.parents):
+        if anc.parent.name == "snapshots" and "--" in anc.parent.parent.name:
+            blobs = anc.parent.parent / "blobs"
+            if blobs.is_dir():
+                roots.append(os.path.realpath(blobs))
+            break
+    return roots
+
+
+def _inside(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _escape(root: Path, raw: str, allowed: list[str]) -> str | None:
+    """Why `raw` (relative to root) leads outside the checkpoint, or None. Only lstat/readlink."""
+    if raw.startswith(("/", "\\")) or PureWindowsPath(raw).drive:
+        return "is an absolute path"
+    if ".." in re.split(r"[/\\]", raw):
+        return "has a '..' component"
+    p = os.path.join(root, raw)
+    try:
+        if not os.path.lexists(p):
+            return None  # missing: IDX003's business
+        real = os.path.realpath(p)
+    except (OSError, ValueError):
+        return None
+    if not any(_inside(real, a) for a in allowed):
+        return f"is a link that resolves to {real}, outside the checkpoint directory"
+    return None
+
+
+def _unreadable_path(p: Path) -> str | None:
+    try:
+        if os.path.isfile(p):
+            return None
+        if os.path.islink(p):
+            return "is a dangling link" if not os.path.exists(p) else "is not a regular file"
+        return "is not a regular file" if os.path.lexists(p) else "does not exist"
+    except (OSError, ValueError):
+        return "cannot be accessed"
+
+
+# ---- schema -----------------------------------------------------------------------------------
+
+def _size_value(x) -> int | None:
+    """metadata.total_size as JSON Schema's non-negative "integer" accepts it (1.0 is an integer)."""
+    if type(x) is int and x >= 0:
+        return x
+    if type(x) is float and x >= 0 and x.is_integer():
+        return int(x)
+    return None
+
+
+def _schema_problems(data) -> list[str]:
+    """Schema violations, bounded: jsonschema (imported only when something is wrong) sees the
+    index with weight_map cut down to its first bad entries, so a hostile 5M-entry map stays cheap."""
+    probe, nbad = data, 0
+    if isinstance(data, dict) and isinstance(data.get("weight_map"), dict):
+        bad = [(k, val) for k, val in data["weight_map"].items() if not _path_string(val)]
+        nbad = len(bad)
+        meta = data.get("metadata")
+        meta_ok = isinstance(meta, dict) and ("total_size" not in meta or _size_value(meta["total_size"]) is not None)
+        if not bad and meta_ok:
+            return []  # the fast path: exactly what the schema accepts
+        probe = {k: val for k, val in data.items() if k in ("metadata", "weight_map")}
+        probe["weight_map"] = dict(islice(bad, _MAX_SCHEMA_ERRORS))
+    from .declarative import schema_errors
+    try:
+        errors = schema_errors(probe, schema_path(SCHEMA), limit=_MAX_SCHEMA_ERRORS)
+    except RecursionError:
+        errors = ["(root): nested too deeply to validate"]
+    if not errors:  # cannot happen while _path_string/_size_value match the schema
+        errors = ["(root): does not match the index schema"]
+    if nbad > _MAX_SCHEMA_ERRORS:
+        errors.append(f"... {nbad} weight_map entries in all are not shard file names")
+    return [_shorten(e) for e in errors]
+
+
+def _shorten(s: str, n: int = 160) -> str:
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+# ---- the expected total_size ----------------------------------------------------------------------
+
+def expected_total_size(ckpt: Checkpoint, files: list[str] | None = None) -> int | None:
+    """metadata.total_size as transformers/huggingface_hub would write it for these shards.
+
+    split_state_dict_into_shards_factory sums get_torch_storage_size (untyped_storage().nbytes())
+    once per storage; save_pretrained has already dropped tied duplicates, and safetensors stores
+    each remaining tensor contiguously, so the value is the sum of the stored tensors' byte sizes,
+    each tensor name counted once. `files` defaults to the shards loaders read. None when one of
+    them is missing or unreadable (the figure cannot be known)."""
+    v = index_view(ckpt)
+    files = v.members if files is None else files
+    seen: set[str] = set()
+    total = 0
+    for f in files:
+        h = v.shards.get(f)
+        if h is None and f in ckpt.safetensors_names and f not in v.escapes:
+            h = ckpt.header(f)  # e.g. a top-level shard the rebuilt index will name
+        if h is None or not h.readable:
+            return None
+        for name, e in h.tensors.items():
+            if name not in seen:
+                seen.add(name)
+                total += e.nbytes
+    return total
+
+
+# ---- helpers for the checks -----------------------------------------------------------------------
+
+def _names_in(h: SafetensorsHeader) -> set[str]:
+    """Tensor names a header declares, including entries too broken to parse (SFT002)."""
+    return set(h.tensors) | {p.tensor for p in h.problems if p.tensor}
+
+
+def _readable(v: IndexView) -> dict[str, SafetensorsHeader]:
+    return {f: h for f, h in v.shards.items() if h.readable}
+
+
+def _unnamed_holder(ckpt: Checkpoint, v: IndexView, t: str) -> str | None:
+    """A top-level file the index does not name that stores tensor t (read only if inside)."""
+    for f in ckpt.safetensors_names:
+        if f not in v.shards and f not in v.escapes and t in ckpt.header(f).tensors:
+            return f
+    return None
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# ---- the checks -----------------------------------------------------------------------------------
+
+@check("IDX001")
+def missing_index(ckpt: Checkpoint) -> Iterator[Hit]:
+    v = index_view(ckpt)
+    if v.present or len(ckpt.safetensors_names) < 2:
+        return
+    files = ckpt.safetensors_names
+    shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+    yield Hit(f"{len(files)} safetensors files ({shown}) and no {INDEX_NAME}: transformers looks for "
+              "model.safetensors alone (OSError when it is absent, the other files silently ignored when "
+              "present) and vLLM loads every *.safetensors file, stale ones included; rebuild the index "
+              "from the shard headers", file=INDEX_NAME, fix=RebuildIndex())
+
+
+@check("IDX002")
+def bad_index(ckpt: Checkpoint) -> Iterator[Hit]:
+    v = index_view(ckpt)
+    if not v.problems:
+        return
+    what = "; ".join(v.problems)
+    yield Hit(f"{INDEX_NAME} is unusable: {what}. transformers fails reading it (JSONDecodeError, "
+              "KeyError: 'metadata'/'weight_map' or TypeError) and so does vLLM; rebuild it from the "
+              "shard headers", file=INDEX_NAME, fix=RebuildIndex())
+
+
+@check("IDX003")
+def missing_shard(ckpt: Checkpoint) -> Iterator[Hit]:
+    v = index_view(ckpt)
+    if not v.usable:
+        return
+    counts: dict[str, int] = {}
+    for f in v.weight_map.values():
+        if f in v.missing:
+            counts[f] = counts.get(f, 0) + 1
+    for f, n in sorted(counts.items()):
+        yield Hit(f"the index maps {_plural(n, 'tensor')} to {f}, which {v.missing[f]}: transformers "
+                  "raises FileNotFoundError, vLLM skips the file and fails with 'Following weights were "
+                  "not initialized from checkpoint'; restore the file (re-download or re-export)", file=f)
+
+
+@check("IDX004")
+def entry_not_in_shard(ckpt: Checkpoint) -> Iterator[Hit]:
+    v = index_view(ckpt)
+    if not v.usable:
+        return
+    shards = _readable(v)
+    names = {f: _names_in(h) for f, h in shards.items()}
+    holders: dict[str, list[str]] | None = None
+    for t, f in v.weight_map.items():
+        if f not in shards or t in names[f]:
+            continue
+        if holders is None:
+            holders = {}
+            for g, ns in names.items():
+                for n in ns:
+                    holders.setdefault(n, []).append(g)
+        where = holders.get(t)
+        stray = None if where else _unnamed_holder(ckpt, v, t)
+        if where:
+            msg = (f"the index maps {t} to {f}, but it is stored in {where[0]}: lookups through the "
+                   "index (transformers' disk offload, accelerate) fail with 'File does not contain "
+                   "tensor'; rebuild the index")
+        elif stray:
+            msg = (f"the index maps {t} to {f}, but it is stored only in {stray}, which the index does "
+                   "not name, so loaders never read it: transformers reports it MISSING and initializes "
+                   "it randomly, vLLM raises 'Following weights were not initialized from checkpoint'; "
+                   "rebuild the index")
+        else:
+            msg = (f"the index maps {t} to {f}, but no shard the index names holds it: transformers "
+                   "reports it MISSING and initializes it randomly, vLLM raises 'Following weights were "
+                   "not initialized from checkpoint'; rebuild the index (and re-export if the weight is needed)")
+        yield Hit(msg, file=f, tensor=t, fix=RebuildIndex())
+
+
+@check("IDX005")
+def tensor_not_in_index(ckpt: Checkpoint) -> Iterator[Hit]:
+    v = index_view(ckpt)
+    if not v.usable:
+        return
+    for f, h in _readable(v).items():
+        for t in h.tensors:
+            if t not in v.weight_map:
+                yield Hit(f"{t} is stored in {f} but the index does not list it: transformers and vLLM "
+                          "still load it with the file, but anything that reads tensor names from the "
+                          "index (disk offload, conversion scripts, layer filters) misses it; rebuild the index",
+                          file=f, tensor=t, fix=RebuildIndex())
+
+
+@check("IDX006")
+def duplicate_tensor(ckpt: Checkpoint) -> Iterator[Hit]:
+    v = index_view(ckpt)
+    shards = _readable(v)
+    where: dict[str, list[str]] = {}
+    for f in sorted(shards):
+        for t in shards[f].tensors:
+            where.setdefault(t, []).append(f)
+    dups = {t: fs for t, fs in where.items() if len(fs) > 1}
+    if not dups:
+        return
+    opened: dict[str, object] = {}
+    try:
+        for t in sorted(dups):
+            files = dups[t]
+            named = (v.weight_map or {}).get(t)
+            keep = named if named in files else files[0]
+            for other in files:
+                if other == keep:
+                    continue
+                same, why = _same_bytes(shards[keep], shards[other], t, opened)
+                if same:
+                    yield Hit(f"{t} is stored in both {keep} and {other} with identical bytes: the copy "
+                              f"in {other} is dead weight that loaders read twice; drop it from {other}",
+                              file=other, tensor=t, fix=DropTensor(other, t))
+                else:
+                    yield Hit(f"{t} is stored in both {keep} and {other} and the copies differ ({why}): "
+                              "whichever file a loader reads last silently wins (transformers: the later "
+                              "shard by name; vLLM: load order), so the model depends on file order; "
+                              "decide which copy is right and re-export",
+                              file=other, tensor=t, fixable="no")
+    finally:
+        for sd in opened.values():
+            sd.close()
+
+
+def _same_bytes(ha: SafetensorsHeader, hb: SafetensorsHeader, t: str, opened: dict) -> tuple[bool, str]:
+    a, b = ha.tensors[t], hb.tensors[t]
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False, f"{a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+    if a.nbytes != b.nbytes:
+        return False, "different byte sizes"
+    for h in (ha, hb):
+        if h.problems_of(st.BUFFER) or h.problems_of(st.UNREADABLE):
+            return False, f"{h.path.name} is damaged (SFT004), its bytes cannot be compared"
+    from ..checkpoint.data import ShardData
+    try:
+        sa = opened.get(ha.path) or opened.setdefault(ha.path, ShardData(ha))
+        sb = opened.get(hb.path) or opened.setdefault(hb.path, ShardData(hb))
+        va, vb = sa.view(a), sb.view(b)
+        try:
+            for off in range(0, a.nbytes, CHUNK):
+                if bytes(va[off:off + CHUNK]) != bytes(vb[off:off + CHUNK]):
+                    return False, f"bytes differ from offset {off} on"
+        finally:
+            va.release()
+            vb.release()
+    except (OSError, ValueError) as e:
+        return False, f"cannot read the data: {e}"
+    return True, ""
+
+
+@check("IDX007")
+def wrong_total_size(ckpt: Checkpoint) -> Iterator[Hit]:
+    v = index_view(ckpt)
+    if not v.usable or v.total_size is None or v.missing:
+        return
+    if any(f in v.escapes for f in set(v.weight_map.values())):
+        return  # a shard we will not open: its size is unknown
+    expected = expected_total_size(ckpt)
+    if expected is None or expected == v.total_size:
+        return
+    yield Hit(f"metadata.total_size is {v.total_size} but the shards the index names hold {expected} "
+              "bytes of tensor data: loaders do not check it, but tools that size downloads or memory "
+              "from it are misled, and it usually means the index was written for other shards; "
+              "rebuild the index", file=INDEX_NAME, fix=RebuildIndex())
+
+
+@check("IDX008")
+def stale_shard(ckpt: Checkpoint) -> Iterator[Hit]:
+    v = index_view(ckpt)
+    if not v.usable:
+        return
+    referenced = set(v.weight_map.values())
+    held = set().union(*(h.tensors for h in _readable(v).values()))
+    for f in ckpt.safetensors_names:
+        if f in referenced or f in v.escapes:
+            continue
+        h = ckpt.header(f)
+        if not h.readable:
+            yield Hit(f"{f} is not named by the index and its header is unreadable: loaders that follow "
+                      "the index skip it; check what it is before removing it", file=f, fixable="no")
+            continue
+        # Stale only if every tensor it holds is also held by a shard the index names: otherwise
+        # retiring it would lose the only copy (e.g. an index entry pointed at the wrong file).
+        only_here = [t for t in h.tensors if t not in held]
+        if only_here:
+            yield Hit(f"{f} is not named by the index but holds {_plural(len(only_here), 'tensor')} that "
+                      f"no named shard holds (e.g. {only_here[0]}): transformers and vLLM ignore the file "
+                      "while the index exists, so those weights are not loaded; either the file or the "
+                      "index is stale: check which is current (rebuilding the index would include it)",
+                      file=f, fixable="no")
+        else:
+            yield Hit(f"{f} is not named by the index (stale, from an earlier export): loaders that follow "
+                      "the index skip it, but it is uploaded and downloaded with the model and anything "
+                      "that globs *.safetensors (vLLM whenever the index is missing) loads its old tensors "
+                      "as duplicates; retire the file", file=f, fix=RetireFile(f))
+
+
+@check("IDX009")
+def escaping_path(ckpt: Checkpoint) -> Iterator[Hit]:
+    v = index_view(ckpt)
+    counts: dict[str, int] = {}
+    for f in (v.weight_map or {}).values():
+        if f in v.escapes:
+            counts[f] = counts.get(f, 0) + 1
+    for f, why in sorted(v.escapes.items()):
+        n = counts.get(f)
+        named = f"the index maps {_plural(n, 'tensor')} to {f}, which" if n else f"{f}"
+        yield Hit(f"{named} {why}: loaders join it with the model folder and read whatever it reaches, "
+                  "so the checkpoint is not self-contained (copies and uploads lose the file) and a "
+                  "crafted index can make them read any file on the host; fqcheck does not open it. "
+                  "Move the shard into the checkpoint folder and name it by a plain relative path",
+                  file=f)
