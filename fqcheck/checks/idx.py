@@ -35,7 +35,8 @@ class IndexView:
     """The index as the loaders would use it, and which shard files can be trusted and read."""
     present: bool = False                 # an index file exists
     problems: list[str] = field(default_factory=list)  # IDX002
-    weight_map: dict[str, str] | None = None  # tensor -> normalized shard path (usable entries)
+    entries: dict[str, str] = field(default_factory=dict)  # tensor -> normalized path, string values
+    weight_map: dict[str, str] | None = None  # the same when the index is valid, else None
     total_size: int | None = None         # metadata.total_size, when it is a valid integer
     members: list[str] = field(default_factory=list)  # shards loaders read (normalized, sorted)
     escapes: dict[str, str] = field(default_factory=dict)  # path -> why it escapes (IDX009)
@@ -74,20 +75,21 @@ def _build(ckpt: Checkpoint) -> IndexView:
             if isinstance(wm, dict):
                 raw = {t: s for t, s in wm.items() if _path_string(s)}
                 raw_paths = sorted(set(raw.values()))
-                v.weight_map = {t: _norm(s) for t, s in raw.items()}
+                v.entries = {t: _norm(s) for t, s in raw.items()}
+                if not v.problems:  # a broken index is rebuilt whole: no per-entry findings
+                    v.weight_map = v.entries
             meta = data.get("metadata") if isinstance(data, dict) else None
             if isinstance(meta, dict) and _size_value(meta.get("total_size")) is not None:
                 v.total_size = _size_value(meta["total_size"])
-    if not v.usable:
-        raw_paths = list(ckpt.safetensors_names)  # no usable index: loaders glob *.safetensors
-
-    for raw in raw_paths:
+    for raw in raw_paths:  # even in a broken index, an escaping path is reported (IDX009)
         name = _norm(raw)
         why = _escape(ckpt.root, raw, allowed)
         if why:
             v.escapes.setdefault(name, why)
-        elif name not in v.members:
+        elif v.usable and name not in v.members:
             v.members.append(name)
+    if not v.usable:
+        v.members = list(ckpt.safetensors_names)  # no usable index: loaders glob *.safetensors
     # A top-level .safetensors link that leads outside is never read either, index or not.
     for name in ckpt.safetensors_names:
         if name not in v.escapes and os.path.islink(ckpt.path(name)):
@@ -199,7 +201,8 @@ def _schema_problems(data) -> list[str]:
 
 
 def _shorten(s: str, n: int = 160) -> str:
-    return s if len(s) <= n else s[: n - 3] + "..."
+    """Keep both ends: the path in front and jsonschema's verdict ("is not of type ...") at the back."""
+    return s if len(s) <= n else s[: n // 2] + " ... " + s[-(n // 2):]
 
 
 # ---- the expected total_size ----------------------------------------------------------------------
@@ -454,7 +457,7 @@ def stale_shard(ckpt: Checkpoint) -> Iterator[Hit]:
 def escaping_path(ckpt: Checkpoint) -> Iterator[Hit]:
     v = index_view(ckpt)
     counts: dict[str, int] = {}
-    for f in (v.weight_map or {}).values():
+    for f in v.entries.values():
         if f in v.escapes:
             counts[f] = counts.get(f, 0) + 1
     for f, why in sorted(v.escapes.items()):
