@@ -408,3 +408,22 @@ def test_idx008_file_orphaned_by_a_wrong_entry_is_not_retired(sharded_llama):
     stale = next(f for f in r.findings if f.code == "IDX008")
     assert stale.fixable == "no" and stale.fix is None
     assert f"stored only in {home}" in next(f for f in r.findings if f.code == "IDX004").message
+
+
+@pytest.mark.parametrize("layout", ["dot-slash", "subfolder"])
+def test_index_paths_that_stay_inside_are_clean(sharded_llama, layout):
+    idx = read_index(sharded_llama)
+    shard = idx["weight_map"][Q0]
+    if layout == "dot-slash":
+        new = "./" + shard
+    else:
+        (sharded_llama / "weights").mkdir()
+        shutil.move(sharded_llama / shard, sharded_llama / "weights" / shard)
+        new = "weights/" + shard
+    idx["weight_map"] = {t: (new if f == shard else f) for t, f in idx["weight_map"].items()}
+    write_index(sharded_llama, idx)
+    assert codes(idx_lint(sharded_llama)) == []
+    if layout == "subfolder":  # and the shard in the subfolder is really read
+        save_shard(sharded_llama / "weights" / shard, {"x": torch.zeros(2)})
+        found = codes(idx_lint(sharded_llama))
+        assert ("IDX004", new, Q0) in found and ("IDX005", new, "x") in found

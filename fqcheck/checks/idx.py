@@ -73,9 +73,13 @@ def _build(ckpt: Checkpoint) -> IndexView:
             data = idx.data
             wm = data.get("weight_map") if isinstance(data, dict) else None
             if isinstance(wm, dict):
-                raw = {t: s for t, s in wm.items() if _path_string(s)}
-                raw_paths = sorted(set(raw.values()))
-                v.entries = {t: _norm(s) for t, s in raw.items()}
+                good = _good_paths(wm)
+                raw_paths = sorted(good)
+                norm = {s: _norm(s) for s in good}  # a few hundred distinct files, 100k entries
+                if len(good) == _distinct(wm):
+                    v.entries = {t: norm[s] for t, s in wm.items()}
+                else:
+                    v.entries = {t: norm[s] for t, s in wm.items() if _path_string(s)}
                 if not v.problems:  # a broken index is rebuilt whole: no per-entry findings
                     v.weight_map = v.entries
             meta = data.get("metadata") if isinstance(data, dict) else None
@@ -111,6 +115,23 @@ def _build(ckpt: Checkpoint) -> IndexView:
 def _path_string(s) -> bool:
     """An index value a loader could join with the directory (same test as the schema's)."""
     return isinstance(s, str) and s != "" and "\x00" not in s
+
+
+def _distinct(wm: dict) -> int:
+    """Number of distinct weight_map values; -1 when some are unhashable (lists, objects)."""
+    try:
+        return len(set(wm.values()))
+    except TypeError:
+        return -1
+
+
+def _good_paths(wm: dict) -> set[str]:
+    """The distinct weight_map values that are usable file names."""
+    try:
+        vals = set(wm.values())
+    except TypeError:
+        vals = {s for s in wm.values() if isinstance(s, str)}
+    return {s for s in vals if _path_string(s)}
 
 
 def _norm(s: str) -> str:
@@ -180,7 +201,11 @@ def _schema_problems(data) -> list[str]:
     index with weight_map cut down to its first bad entries, so a hostile 5M-entry map stays cheap."""
     probe, nbad = data, 0
     if isinstance(data, dict) and isinstance(data.get("weight_map"), dict):
-        bad = [(k, val) for k, val in data["weight_map"].items() if not _path_string(val)]
+        wm = data["weight_map"]
+        if len(_good_paths(wm)) == _distinct(wm):
+            bad = []  # every distinct value is a file name: no need to look at 100k entries
+        else:
+            bad = [(k, val) for k, val in wm.items() if not _path_string(val)]
         nbad = len(bad)
         meta = data.get("metadata")
         meta_ok = isinstance(meta, dict) and ("total_size" not in meta or _size_value(meta["total_size"]) is not None)
@@ -225,18 +250,21 @@ def expected_total_size(ckpt: Checkpoint, files: list[str] | None = None) -> int
             h = ckpt.header(f)  # e.g. a top-level shard the rebuilt index will name
         if h is None or not h.readable:
             return None
-        for name, e in h.tensors.items():
-            if name not in seen:
-                seen.add(name)
-                total += e.nbytes
+        names = h.tensors.keys()
+        if seen.isdisjoint(names):  # the usual case: no name repeats across shards
+            total += sum(e.end - e.begin for e in h.tensors.values())
+        else:
+            total += sum(e.end - e.begin for n, e in h.tensors.items() if n not in seen)
+        seen.update(names)
     return total
 
 
 # ---- helpers for the checks -----------------------------------------------------------------------
 
-def _names_in(h: SafetensorsHeader) -> set[str]:
+def _names_in(h: SafetensorsHeader):
     """Tensor names a header declares, including entries too broken to parse (SFT002)."""
-    return set(h.tensors) | {p.tensor for p in h.problems if p.tensor}
+    broken = {p.tensor for p in h.problems if p.tensor}
+    return set(h.tensors) | broken if broken else h.tensors
 
 
 def _readable(v: IndexView) -> dict[str, SafetensorsHeader]:
@@ -249,6 +277,18 @@ def _unnamed_holder(ckpt: Checkpoint, v: IndexView, t: str) -> str | None:
         if f not in v.shards and f not in v.escapes and t in ckpt.header(f).tensors:
             return f
     return None
+
+
+def _duplicates(shards: dict[str, SafetensorsHeader]) -> dict[str, list[str]]:
+    """Tensor name -> the shards (sorted) that hold it, for names held by more than one."""
+    total = sum(len(h.tensors) for h in shards.values())
+    if len(set().union(*(h.tensors.keys() for h in shards.values()))) == total:
+        return {}  # the usual case, decided at C speed
+    where: dict[str, list[str]] = {}
+    for f in sorted(shards):
+        for t in shards[f].tensors:
+            where.setdefault(t, []).append(f)
+    return {t: fs for t, fs in where.items() if len(fs) > 1}
 
 
 def _plural(n: int, word: str) -> str:
@@ -336,23 +376,18 @@ def tensor_not_in_index(ckpt: Checkpoint) -> Iterator[Hit]:
     if not v.usable:
         return
     for f, h in _readable(v).items():
-        for t in h.tensors:
-            if t not in v.weight_map:
-                yield Hit(f"{t} is stored in {f} but the index does not list it: transformers and vLLM "
-                          "still load it with the file, but anything that reads tensor names from the "
-                          "index (disk offload, conversion scripts, layer filters) misses it; rebuild the index",
-                          file=f, tensor=t, fix=RebuildIndex())
+        for t in [t for t in h.tensors if t not in v.weight_map]:
+            yield Hit(f"{t} is stored in {f} but the index does not list it: transformers and vLLM "
+                      "still load it with the file, but anything that reads tensor names from the "
+                      "index (disk offload, conversion scripts, layer filters) misses it; rebuild the index",
+                      file=f, tensor=t, fix=RebuildIndex())
 
 
 @check("IDX006")
 def duplicate_tensor(ckpt: Checkpoint) -> Iterator[Hit]:
     v = index_view(ckpt)
     shards = _readable(v)
-    where: dict[str, list[str]] = {}
-    for f in sorted(shards):
-        for t in shards[f].tensors:
-            where.setdefault(t, []).append(f)
-    dups = {t: fs for t, fs in where.items() if len(fs) > 1}
+    dups = _duplicates(shards)
     if not dups:
         return
     opened: dict[str, object] = {}
