@@ -129,6 +129,7 @@ HOSTILE = {
     "total-size-string": lambda i: {**i, "metadata": {"total_size": "53568"}},
     "total-size-bool": lambda i: {**i, "metadata": {"total_size": True}},
     "total-size-fraction": lambda i: {**i, "metadata": {"total_size": 1.5}},
+    "surrogate-value": lambda i: {**i, "weight_map": {**i["weight_map"], NORM: "\ud800.safetensors"}},
     "many-bad-values": lambda i: {**i, "weight_map": {f"t{n}": n for n in range(20000)}},
 }
 
@@ -348,6 +349,7 @@ def test_idx009_symlink_outside(sharded_llama):
     assert [(f.code, f.file, f.tensor) for f in findings] == [("IDX009", shard, None)]
     assert "link that resolves to" in findings[0].message
     assert shard not in ckpt._header_cache
+    assert codes(idx_lint(sharded_llama / shard)) == []  # linting that one file is what was asked
 
 
 def test_idx009_escape_reported_even_in_a_broken_index(sharded_llama):
@@ -427,3 +429,19 @@ def test_index_paths_that_stay_inside_are_clean(sharded_llama, layout):
         save_shard(sharded_llama / "weights" / shard, {"x": torch.zeros(2)})
         found = codes(idx_lint(sharded_llama))
         assert ("IDX004", new, Q0) in found and ("IDX005", new, "x") in found
+
+
+def test_hostile_names_print_without_a_traceback(sharded_llama):
+    # JSON may carry lone surrogates ("\\udc00"); a finding naming them must still print.
+    import subprocess
+    import sys
+    idx = read_index(sharded_llama)
+    idx["weight_map"]["ghost\udc00"] = idx["weight_map"][Q0]
+    write_index(sharded_llama, idx)
+    [f] = idx_lint(sharded_llama).findings
+    assert (f.code, f.tensor) == ("IDX004", "ghost\\udc00")
+    for fmt in ("text", "json"):
+        out = subprocess.run([sys.executable, "-m", "fqcheck", "lint", str(sharded_llama), "-f", fmt],
+                             capture_output=True, text=True)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "IDX004" in out.stdout

@@ -64,6 +64,7 @@ def _build(ckpt: Checkpoint) -> IndexView:
     allowed = _allowed_roots(ckpt.root)
     idx = ckpt.index
     raw_paths: list[str] = []
+    norm: dict[str, str] = {}
     if idx is not None:
         v.present = True
         if idx.error:
@@ -75,7 +76,12 @@ def _build(ckpt: Checkpoint) -> IndexView:
             if isinstance(wm, dict):
                 good = _good_paths(wm)
                 raw_paths = sorted(good)
-                norm = {s: _norm(s) for s in good}  # a few hundred distinct files, 100k entries
+                for raw in raw_paths:  # even in a broken index, an escaping path is reported (IDX009)
+                    why = _escape(ckpt.root, raw, allowed)
+                    if why:
+                        v.escapes[raw] = why  # kept as written: normalizing would hide the '..'
+                # a few hundred distinct files for 100k entries: normalize each once
+                norm = {s: s if s in v.escapes else _norm(s) for s in good}
                 if len(good) == _distinct(wm):
                     v.entries = {t: norm[s] for t, s in wm.items()}
                 else:
@@ -85,17 +91,13 @@ def _build(ckpt: Checkpoint) -> IndexView:
             meta = data.get("metadata") if isinstance(data, dict) else None
             if isinstance(meta, dict) and _size_value(meta.get("total_size")) is not None:
                 v.total_size = _size_value(meta["total_size"])
-    for raw in raw_paths:  # even in a broken index, an escaping path is reported (IDX009)
-        name = _norm(raw)
-        why = _escape(ckpt.root, raw, allowed)
-        if why:
-            v.escapes.setdefault(name, why)
-        elif v.usable and name not in v.members:
-            v.members.append(name)
-    if not v.usable:
+    if v.usable:
+        v.members = sorted({norm[s] for s in raw_paths if s not in v.escapes})
+    else:
         v.members = list(ckpt.safetensors_names)  # no usable index: loaders glob *.safetensors
-    # A top-level .safetensors link that leads outside is never read either, index or not.
-    for name in ckpt.safetensors_names:
+    # A top-level .safetensors link that leads outside is never read either, index or not
+    # (unless the user named that one file to lint: then it is what they asked for).
+    for name in ckpt.safetensors_names if getattr(ckpt, "_only", None) is None else ():
         if name not in v.escapes and os.path.islink(ckpt.path(name)):
             why = _escape(ckpt.root, name, allowed)
             if why:
@@ -112,9 +114,27 @@ def _build(ckpt: Checkpoint) -> IndexView:
 
 # ---- paths ------------------------------------------------------------------------------------
 
+_NOT_A_NAME = re.compile("[\x00\ud800-\udfff]")  # NUL or a lone surrogate (JSON allows "\\ud800")
+
+
 def _path_string(s) -> bool:
     """An index value a loader could join with the directory (same test as the schema's)."""
-    return isinstance(s, str) and s != "" and "\x00" not in s
+    return isinstance(s, str) and s != "" and not _NOT_A_NAME.search(s)
+
+
+def _clean(s: str | None) -> str | None:
+    """Text safe to print: hostile names may hold lone surrogates, which UTF-8 output refuses."""
+    if s is None:
+        return None
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _hit(message: str, file: str | None = None, tensor: str | None = None, **kw) -> Hit:
+    return Hit(_clean(message), file=_clean(file), tensor=_clean(tensor), **kw)
 
 
 def _distinct(wm: dict) -> int:
@@ -222,7 +242,10 @@ def _schema_problems(data) -> list[str]:
         errors = ["(root): does not match the index schema"]
     if nbad > _MAX_SCHEMA_ERRORS:
         errors.append(f"... {nbad} weight_map entries in all are not shard file names")
-    return [_shorten(e) for e in errors]
+    return [_shorten(_BAD_NAME_MSG.sub("is not a usable file name (NUL or invalid Unicode)", e)) for e in errors]
+
+
+_BAD_NAME_MSG = re.compile(r"does not match '\^\[\^.*\]\*\$'$")
 
 
 def _shorten(s: str, n: int = 160) -> str:
@@ -304,7 +327,7 @@ def missing_index(ckpt: Checkpoint) -> Iterator[Hit]:
         return
     files = ckpt.safetensors_names
     shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
-    yield Hit(f"{len(files)} safetensors files ({shown}) and no {INDEX_NAME}: transformers looks for "
+    yield _hit(f"{len(files)} safetensors files ({shown}) and no {INDEX_NAME}: transformers looks for "
               "model.safetensors alone (OSError when it is absent, the other files silently ignored when "
               "present) and vLLM loads every *.safetensors file, stale ones included; rebuild the index "
               "from the shard headers", file=INDEX_NAME, fix=RebuildIndex())
@@ -316,7 +339,7 @@ def bad_index(ckpt: Checkpoint) -> Iterator[Hit]:
     if not v.problems:
         return
     what = "; ".join(v.problems)
-    yield Hit(f"{INDEX_NAME} is unusable: {what}. transformers fails reading it (JSONDecodeError, "
+    yield _hit(f"{INDEX_NAME} is unusable: {what}. transformers fails reading it (JSONDecodeError, "
               "KeyError: 'metadata'/'weight_map' or TypeError) and so does vLLM; rebuild it from the "
               "shard headers", file=INDEX_NAME, fix=RebuildIndex())
 
@@ -331,7 +354,7 @@ def missing_shard(ckpt: Checkpoint) -> Iterator[Hit]:
         if f in v.missing:
             counts[f] = counts.get(f, 0) + 1
     for f, n in sorted(counts.items()):
-        yield Hit(f"the index maps {_plural(n, 'tensor')} to {f}, which {v.missing[f]}: transformers "
+        yield _hit(f"the index maps {_plural(n, 'tensor')} to {f}, which {v.missing[f]}: transformers "
                   "raises FileNotFoundError, vLLM skips the file and fails with 'Following weights were "
                   "not initialized from checkpoint'; restore the file (re-download or re-export)", file=f)
 
@@ -367,7 +390,7 @@ def entry_not_in_shard(ckpt: Checkpoint) -> Iterator[Hit]:
             msg = (f"the index maps {t} to {f}, but no shard the index names holds it: transformers "
                    "reports it MISSING and initializes it randomly, vLLM raises 'Following weights were "
                    "not initialized from checkpoint'; rebuild the index (and re-export if the weight is needed)")
-        yield Hit(msg, file=f, tensor=t, fix=RebuildIndex())
+        yield _hit(msg, file=f, tensor=t, fix=RebuildIndex())
 
 
 @check("IDX005")
@@ -377,7 +400,7 @@ def tensor_not_in_index(ckpt: Checkpoint) -> Iterator[Hit]:
         return
     for f, h in _readable(v).items():
         for t in [t for t in h.tensors if t not in v.weight_map]:
-            yield Hit(f"{t} is stored in {f} but the index does not list it: transformers and vLLM "
+            yield _hit(f"{t} is stored in {f} but the index does not list it: transformers and vLLM "
                       "still load it with the file, but anything that reads tensor names from the "
                       "index (disk offload, conversion scripts, layer filters) misses it; rebuild the index",
                       file=f, tensor=t, fix=RebuildIndex())
@@ -401,11 +424,11 @@ def duplicate_tensor(ckpt: Checkpoint) -> Iterator[Hit]:
                     continue
                 same, why = _same_bytes(shards[keep], shards[other], t, opened)
                 if same:
-                    yield Hit(f"{t} is stored in both {keep} and {other} with identical bytes: the copy "
+                    yield _hit(f"{t} is stored in both {keep} and {other} with identical bytes: the copy "
                               f"in {other} is dead weight that loaders read twice; drop it from {other}",
                               file=other, tensor=t, fix=DropTensor(other, t))
                 else:
-                    yield Hit(f"{t} is stored in both {keep} and {other} and the copies differ ({why}): "
+                    yield _hit(f"{t} is stored in both {keep} and {other} and the copies differ ({why}): "
                               "whichever file a loader reads last silently wins (transformers: the later "
                               "shard by name; vLLM: load order), so the model depends on file order; "
                               "decide which copy is right and re-export",
@@ -451,7 +474,7 @@ def wrong_total_size(ckpt: Checkpoint) -> Iterator[Hit]:
     expected = expected_total_size(ckpt)
     if expected is None or expected == v.total_size:
         return
-    yield Hit(f"metadata.total_size is {v.total_size} but the shards the index names hold {expected} "
+    yield _hit(f"metadata.total_size is {v.total_size} but the shards the index names hold {expected} "
               "bytes of tensor data: loaders do not check it, but tools that size downloads or memory "
               "from it are misled, and it usually means the index was written for other shards; "
               "rebuild the index", file=INDEX_NAME, fix=RebuildIndex())
@@ -469,20 +492,20 @@ def stale_shard(ckpt: Checkpoint) -> Iterator[Hit]:
             continue
         h = ckpt.header(f)
         if not h.readable:
-            yield Hit(f"{f} is not named by the index and its header is unreadable: loaders that follow "
+            yield _hit(f"{f} is not named by the index and its header is unreadable: loaders that follow "
                       "the index skip it; check what it is before removing it", file=f, fixable="no")
             continue
         # Stale only if every tensor it holds is also held by a shard the index names: otherwise
         # retiring it would lose the only copy (e.g. an index entry pointed at the wrong file).
         only_here = [t for t in h.tensors if t not in held]
         if only_here:
-            yield Hit(f"{f} is not named by the index but holds {_plural(len(only_here), 'tensor')} that "
+            yield _hit(f"{f} is not named by the index but holds {_plural(len(only_here), 'tensor')} that "
                       f"no named shard holds (e.g. {only_here[0]}): transformers and vLLM ignore the file "
                       "while the index exists, so those weights are not loaded; either the file or the "
                       "index is stale: check which is current (rebuilding the index would include it)",
                       file=f, fixable="no")
         else:
-            yield Hit(f"{f} is not named by the index (stale, from an earlier export): loaders that follow "
+            yield _hit(f"{f} is not named by the index (stale, from an earlier export): loaders that follow "
                       "the index skip it, but it is uploaded and downloaded with the model and anything "
                       "that globs *.safetensors (vLLM whenever the index is missing) loads its old tensors "
                       "as duplicates; retire the file", file=f, fix=RetireFile(f))
@@ -498,7 +521,7 @@ def escaping_path(ckpt: Checkpoint) -> Iterator[Hit]:
     for f, why in sorted(v.escapes.items()):
         n = counts.get(f)
         named = f"the index maps {_plural(n, 'tensor')} to {f}, which" if n else f"{f}"
-        yield Hit(f"{named} {why}: loaders join it with the model folder and read whatever it reaches, "
+        yield _hit(f"{named} {why}: loaders join it with the model folder and read whatever it reaches, "
                   "so the checkpoint is not self-contained (copies and uploads lose the file) and a "
                   "crafted index can make them read any file on the host; fqcheck does not open it. "
                   "Move the shard into the checkpoint folder and name it by a plain relative path",
