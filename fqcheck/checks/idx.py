@@ -328,9 +328,9 @@ def missing_index(ckpt: Checkpoint) -> Iterator[Hit]:
     files = ckpt.safetensors_names
     shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
     yield _hit(f"{len(files)} safetensors files ({shown}) and no {INDEX_NAME}: transformers looks for "
-              "model.safetensors alone (OSError when it is absent, the other files silently ignored when "
-              "present) and vLLM loads every *.safetensors file, stale ones included; rebuild the index "
-              "from the shard headers", file=INDEX_NAME, fix=RebuildIndex())
+                "model.safetensors alone (OSError when it is absent, the other files silently ignored when "
+                "present) and vLLM loads every *.safetensors file, stale ones included; rebuild the index "
+                "from the shard headers", file=INDEX_NAME, fix=RebuildIndex())
 
 
 @check("IDX002")
@@ -340,8 +340,8 @@ def bad_index(ckpt: Checkpoint) -> Iterator[Hit]:
         return
     what = "; ".join(v.problems)
     yield _hit(f"{INDEX_NAME} is unusable: {what}. transformers fails reading it (JSONDecodeError, "
-              "KeyError: 'metadata'/'weight_map' or TypeError) and so does vLLM; rebuild it from the "
-              "shard headers", file=INDEX_NAME, fix=RebuildIndex())
+                "KeyError: 'metadata'/'weight_map' or TypeError) and so does vLLM; rebuild it from the "
+                "shard headers", file=INDEX_NAME, fix=RebuildIndex())
 
 
 @check("IDX003")
@@ -355,8 +355,8 @@ def missing_shard(ckpt: Checkpoint) -> Iterator[Hit]:
             counts[f] = counts.get(f, 0) + 1
     for f, n in sorted(counts.items()):
         yield _hit(f"the index maps {_plural(n, 'tensor')} to {f}, which {v.missing[f]}: transformers "
-                  "raises FileNotFoundError, vLLM skips the file and fails with 'Following weights were "
-                  "not initialized from checkpoint'; restore the file (re-download or re-export)", file=f)
+                    "raises FileNotFoundError, vLLM skips the file and fails with 'Following weights were "
+                    "not initialized from checkpoint'; restore the file (re-download or re-export)", file=f)
 
 
 @check("IDX004")
@@ -401,9 +401,9 @@ def tensor_not_in_index(ckpt: Checkpoint) -> Iterator[Hit]:
     for f, h in _readable(v).items():
         for t in [t for t in h.tensors if t not in v.weight_map]:
             yield _hit(f"{t} is stored in {f} but the index does not list it: transformers and vLLM "
-                      "still load it with the file, but anything that reads tensor names from the "
-                      "index (disk offload, conversion scripts, layer filters) misses it; rebuild the index",
-                      file=f, tensor=t, fix=RebuildIndex())
+                        "still load it with the file, but anything that reads tensor names from the "
+                        "index (disk offload, conversion scripts, layer filters) misses it; rebuild the index",
+                        file=f, tensor=t, fix=RebuildIndex())
 
 
 @check("IDX006")
@@ -425,14 +425,14 @@ def duplicate_tensor(ckpt: Checkpoint) -> Iterator[Hit]:
                 same, why = _same_bytes(shards[keep], shards[other], t, opened)
                 if same:
                     yield _hit(f"{t} is stored in both {keep} and {other} with identical bytes: the copy "
-                              f"in {other} is dead weight that loaders read twice; drop it from {other}",
-                              file=other, tensor=t, fix=DropTensor(other, t))
+                                f"in {other} is dead weight that loaders read twice; drop it from {other}",
+                                file=other, tensor=t, fix=DropTensor(other, t))
                 else:
                     yield _hit(f"{t} is stored in both {keep} and {other} and the copies differ ({why}): "
-                              "whichever file a loader reads last silently wins (transformers: the later "
-                              "shard by name; vLLM: load order), so the model depends on file order; "
-                              "decide which copy is right and re-export",
-                              file=other, tensor=t, fixable="no")
+                                "whichever file a loader reads last silently wins (transformers: the later "
+                                "shard by name; vLLM: load order), so the model depends on file order; "
+                                "decide which copy is right and re-export",
+                                file=other, tensor=t, fixable="no")
     finally:
         for sd in opened.values():
             sd.close()
@@ -475,9 +475,9 @@ def wrong_total_size(ckpt: Checkpoint) -> Iterator[Hit]:
     if expected is None or expected == v.total_size:
         return
     yield _hit(f"metadata.total_size is {v.total_size} but the shards the index names hold {expected} "
-              "bytes of tensor data: loaders do not check it, but tools that size downloads or memory "
-              "from it are misled, and it usually means the index was written for other shards; "
-              "rebuild the index", file=INDEX_NAME, fix=RebuildIndex())
+                "bytes of tensor data: loaders do not check it, but tools that size downloads or memory "
+                "from it are misled, and it usually means the index was written for other shards; "
+                "rebuild the index", file=INDEX_NAME, fix=RebuildIndex())
 
 
 @check("IDX008")
@@ -493,22 +493,22 @@ def stale_shard(ckpt: Checkpoint) -> Iterator[Hit]:
         h = ckpt.header(f)
         if not h.readable:
             yield _hit(f"{f} is not named by the index and its header is unreadable: loaders that follow "
-                      "the index skip it; check what it is before removing it", file=f, fixable="no")
+                        "the index skip it; check what it is before removing it", file=f, fixable="no")
             continue
         # Stale only if every tensor it holds is also held by a shard the index names: otherwise
         # retiring it would lose the only copy (e.g. an index entry pointed at the wrong file).
         only_here = [t for t in h.tensors if t not in held]
         if only_here:
             yield _hit(f"{f} is not named by the index but holds {_plural(len(only_here), 'tensor')} that "
-                      f"no named shard holds (e.g. {only_here[0]}): transformers and vLLM ignore the file "
-                      "while the index exists, so those weights are not loaded; either the file or the "
-                      "index is stale: check which is current (rebuilding the index would include it)",
-                      file=f, fixable="no")
+                        f"no named shard holds (e.g. {only_here[0]}): transformers and vLLM ignore the file "
+                        "while the index exists, so those weights are not loaded; either the file or the "
+                        "index is stale: check which is current (rebuilding the index would include it)",
+                        file=f, fixable="no")
         else:
             yield _hit(f"{f} is not named by the index (stale, from an earlier export): loaders that follow "
-                      "the index skip it, but it is uploaded and downloaded with the model and anything "
-                      "that globs *.safetensors (vLLM whenever the index is missing) loads its old tensors "
-                      "as duplicates; retire the file", file=f, fix=RetireFile(f))
+                        "the index skip it, but it is uploaded and downloaded with the model and anything "
+                        "that globs *.safetensors (vLLM whenever the index is missing) loads its old tensors "
+                        "as duplicates; retire the file", file=f, fix=RetireFile(f))
 
 
 @check("IDX009")
@@ -522,7 +522,7 @@ def escaping_path(ckpt: Checkpoint) -> Iterator[Hit]:
         n = counts.get(f)
         named = f"the index maps {_plural(n, 'tensor')} to {f}, which" if n else f"{f}"
         yield _hit(f"{named} {why}: loaders join it with the model folder and read whatever it reaches, "
-                  "so the checkpoint is not self-contained (copies and uploads lose the file) and a "
-                  "crafted index can make them read any file on the host; fqcheck does not open it. "
-                  "Move the shard into the checkpoint folder and name it by a plain relative path",
-                  file=f)
+                    "so the checkpoint is not self-contained (copies and uploads lose the file) and a "
+                    "crafted index can make them read any file on the host; fqcheck does not open it. "
+                    "Move the shard into the checkpoint folder and name it by a plain relative path",
+                    file=f)
