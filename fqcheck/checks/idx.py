@@ -82,7 +82,9 @@ def _build(ckpt: Checkpoint) -> IndexView:
                         v.escapes[raw] = why  # kept as written: normalizing would hide the '..'
                 # a few hundred distinct files for 100k entries: normalize each once
                 norm = {s: s if s in v.escapes else _norm(s) for s in good}
-                if len(good) == _distinct(wm):
+                if len(good) == _distinct(wm) and all(norm[s] == s for s in good):
+                    v.entries = wm  # the usual index: every value already a plain file name
+                elif len(good) == _distinct(wm):
                     v.entries = {t: norm[s] for t, s in wm.items()}
                 else:
                     v.entries = {t: norm[s] for t, s in wm.items() if _path_string(s)}
