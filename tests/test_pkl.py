@@ -178,3 +178,33 @@ def test_user_safe_globals_are_honoured_like_torch(tmp_path):
     q = tmp_path / "sys.pth"
     torch.save({"x": RunsShell()}, q)
     assert scan_file(q).weights_only_refusal(extra_allowed={"posix.system", "os.system"})
+
+
+def _real_pickle() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"a.weight": torch.ones(2), "m": torch.empty(2, device="meta"), "n": [1, 2.5, "x"]}, buf)
+    with zipfile.ZipFile(buf) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+if given is not None:
+    REAL = _real_pickle()
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.tuples(st.integers(0, len(REAL) - 1), st.integers(0, 255)), max_size=6),
+           st.integers(1, len(REAL)))
+    def test_mutated_pickles_never_raise(tmp_path, edits, cut):
+        data = bytearray(REAL[:cut])
+        for pos, val in edits:
+            if pos < len(data):
+                data[pos] = val
+        p = tmp_path / "fuzz.pkl"
+        p.write_bytes(bytes(data))
+        scan = scan_file(p)  # must not raise
+        assert scan.format in ("raw", "legacy", "unknown")

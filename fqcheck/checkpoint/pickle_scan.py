@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import mmap
 import pickletools
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +237,7 @@ class _Sim:
                     self.scan.unsupported_ops.add(op.name)
                 self.step(op, arg)
         except (ValueError, IndexError, KeyError, EOFError, OverflowError, TypeError,
-                MemoryError) as e:
+                struct.error, MemoryError) as e:
             self.scan.problems.append(f"{self.where}: malformed pickle: {str(e)[:200] or type(e).__name__}")
 
     def _global(self, module, name) -> _Global:
