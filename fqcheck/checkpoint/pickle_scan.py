@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MAX_OPS = 5_000_000          # opcodes per file; a state dict of 100k tensors needs ~3M
-MAX_PICKLE_BYTES = 1 << 30   # a data.pkl member larger than this is hostile, not a checkpoint
+MAX_PICKLE_BYTES = 64 << 20   # pickle bytes read per file; a 100k-tensor data.pkl is ~15 MB
+MAX_MEMBERS = 64             # *.pkl members scanned in one zip
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 LEGACY_PICKLES = 5           # magic, protocol, sys_info, object, storage keys
 
@@ -169,13 +170,18 @@ def _scan_zip(path: Path, scan: PickleScan) -> None:
         if len(data) != 1:
             scan.problems.append(f"zip archive with {len(data)} data.pkl records: not a torch.save file "
                                  "(torch.load: 'PytorchStreamReader failed locating file data.pkl')")
+        if len(members) > MAX_MEMBERS:
+            scan.problems.append(f"{len(members)} pickle members, over the cap of {MAX_MEMBERS}")
+            members = data
+        budget = MAX_PICKLE_BYTES
         for info in members:
-            if info.file_size > MAX_PICKLE_BYTES:
+            if info.file_size > budget:
                 scan.problems.append(f"{info.filename}: {info.file_size} bytes, over the "
-                                     f"{MAX_PICKLE_BYTES >> 20} MiB cap")
+                                     f"{MAX_PICKLE_BYTES >> 20} MiB cap on pickle bytes")
                 continue
+            budget -= info.file_size
             with zf.open(info) as f:
-                raw = f.read(MAX_PICKLE_BYTES + 1)  # bounded by the member's real size
+                raw = f.read(info.file_size)  # zipfile stops at the member's size
             _Sim(scan, io.BytesIO(raw), info.filename).run()
 
 
@@ -185,8 +191,8 @@ def _scan_raw(path: Path, scan: PickleScan) -> None:
         if size == 0:
             scan.problems.append("empty file")
             return
-        # mmap: a hostile length prefix makes read() return what exists, never allocate what it claims
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            mm = _Bounded(m, MAX_PICKLE_BYTES)
             first = _Sim(scan, mm, "pickle 1")
             first.run()
             if scan.problems:
@@ -199,6 +205,28 @@ def _scan_raw(path: Path, scan: PickleScan) -> None:
                         return
             else:
                 scan.format = "raw"
+
+
+class _Bounded:
+    """File view for genops over an mmap: no read goes past `limit` bytes into the file, so a
+    hostile length prefix (a 4 GB string) gets a short read (-> malformed), never an allocation."""
+
+    def __init__(self, mm: mmap.mmap, limit: int):
+        self.mm, self.end = mm, min(len(mm), limit)
+
+    def tell(self) -> int:
+        return self.mm.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        avail = self.end - self.mm.tell()
+        if n < 0 or n > avail:
+            return b""  # a claim past the limit: genops reports the short read, nothing is allocated
+        return self.mm.read(n)
+
+    def readline(self) -> bytes:
+        pos = self.mm.tell()
+        i = self.mm.find(b"\n", pos, self.end)
+        return self.mm.read((self.end if i < 0 else i + 1) - pos)
 
 
 class _Global:
