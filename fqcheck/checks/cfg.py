@@ -11,7 +11,7 @@ from ..fix.edits import DropJsonKey
 CONFIG_SCHEMA = "config.schema.json"
 # config dtype strings (transformers' str(torch.dtype) without "torch.") -> safetensors dtype
 CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "half": "F16", "float32": "F32", "float": "F32"}
-WEIGHT_DTYPES = ("BF16", "F16", "F32")
+WEIGHT_DTYPES = {"BF16": 2, "F16": 2, "F32": 4}  # -> bytes per element
 # Scale-like tensors of real-quantized exports are F32 whatever the model dtype: not evidence.
 SCALE_SUFFIXES = ("_scale", "_scale_2", "scale_inv", "_amax", "zero_point", ".scales", "_scales")
 
@@ -84,11 +84,12 @@ def dtype_mismatch(ckpt: Checkpoint) -> Iterator[Hit]:
     want = CONFIG_DTYPES.get(declared) if isinstance(declared, str) else None
     if want is None:
         return  # absent, "auto", or not a weight dtype
-    counts = dict.fromkeys(WEIGHT_DTYPES, 0)
+    counts = dict.fromkeys(WEIGHT_DTYPES, 0)  # elements per dtype (from byte ranges: no shape walk)
     for h in ckpt.headers().values():
         for t in h.tensors.values():
-            if t.dtype in counts and not t.name.endswith(SCALE_SUFFIXES):
-                counts[t.dtype] += t.numel
+            size = WEIGHT_DTYPES.get(t.dtype)
+            if size and not t.name.endswith(SCALE_SUFFIXES):
+                counts[t.dtype] += (t.end - t.begin) // size
     total = sum(counts.values())
     if not total:
         return

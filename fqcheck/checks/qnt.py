@@ -24,7 +24,7 @@ LEAK_PATTERN = re.compile(r"(?:^|\.)[A-Za-z0-9_]*quantizer(?:\.\d+)?\._(?:%s)$" 
 def leaked_quantizer_state(ckpt: Checkpoint) -> Iterator[Hit]:
     for fname, h in ckpt.headers().items():
         for t in h.tensors:
-            if LEAK_PATTERN.search(t):
+            if "quantizer" in t and LEAK_PATTERN.search(t):  # substring test first: 91k names in ms
                 yield Hit(f"quantizer state {t} leaked into the weights: vLLM's loader raises "
                           f"KeyError on it and transformers reports an unexpected key",
                           file=fname, tensor=t, fix=DropTensor(fname, t))

@@ -57,11 +57,11 @@ def _tied_header(ckpt: Checkpoint) -> Iterator[Hit]:
         return  # unreadable shard: what it holds is unknown (SFT001)
     head = ckpt.tensor(LM_HEAD)
     if tie is False and head is None:
-        if _indexed(ckpt, LM_HEAD):
-            return  # its shard is missing: IDX003's finding
         embed = next((n for n in EMBED_NAMES if n in ckpt.tensor_files), None)
         if embed is None:
             return  # not a decoder layout we know; ARC rules cover the rest
+        if _indexed(ckpt, LM_HEAD):
+            return  # its shard is missing: IDX003's finding
         yield Hit(f"config.json has tie_word_embeddings false but no {LM_HEAD} is stored: "
                   f"transformers leaves lm_head randomly initialised (missing key), vLLM fails to load it",
                   file=cfg.name, tensor=LM_HEAD)
