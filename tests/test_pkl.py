@@ -208,3 +208,22 @@ if given is not None:
         p.write_bytes(bytes(data))
         scan = scan_file(p)  # must not raise
         assert scan.format in ("raw", "legacy", "unknown")
+
+    ZIP = None
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.data())
+    def test_mutated_torch_zips_never_raise(tmp_path, data):
+        global ZIP
+        if ZIP is None:
+            buf = io.BytesIO()
+            torch.save({"w": torch.ones(3), "m": torch.empty(1, device="meta")}, buf)
+            ZIP = buf.getvalue()
+        raw = bytearray(ZIP)
+        for _ in range(data.draw(st.integers(1, 4))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        cut = data.draw(st.integers(len(raw) // 2, len(raw)))
+        p = tmp_path / "fuzz.pth"
+        p.write_bytes(bytes(raw[:cut]))
+        scan_file(p)  # must not raise
+        lint(p)  # nor the checks on top of it

@@ -17,6 +17,7 @@ import mmap
 import pickletools
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,8 +149,9 @@ def scan_file(path: str | Path, name: str | None = None) -> PickleScan:
             _scan_zip(path, scan)
         else:
             _scan_raw(path, scan)
-    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, RuntimeError,
-            NotImplementedError, ValueError) as e:
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, RuntimeError, KeyError,
+            IndexError, NotImplementedError, ValueError, struct.error, zlib.error, MemoryError) as e:
+        # a hostile archive (bad central directory, CRC, compression) is a finding, not a traceback
         scan.problems.append(f"unreadable: {type(e).__name__}: {str(e)[:200]}")
     return scan
 
