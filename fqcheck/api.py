@@ -60,5 +60,5 @@ def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Seque
     catalog = load_catalog(tuple(rules_dirs))
     rules = engine.select_rules(catalog, select, ignore, levels_for(deep, arch))
     ckpt = Checkpoint.open(path)
-    findings = engine.run(ckpt, rules, {"device": device})
+    findings = engine.run(ckpt, rules, {"device": device, "deep": deep})
     return Report(str(path), findings, [r.code for r in rules])

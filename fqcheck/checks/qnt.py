@@ -1,0 +1,59 @@
+"""QNT: quantizer state of Model Optimizer exports. Header halves here; data halves in fqcheck.quant."""
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+from ..checkpoint import STATE_NAME, Checkpoint
+from ..checkpoint.pickle_scan import scan_cached
+from ..engine import Hit, check
+from ..fix.edits import DropTensor
+
+# The buffers Model Optimizer's TensorQuantizer (modelopt/torch/quantization/nn/modules/
+# tensor_quantizer.py) registers: amax (+ NVFP4's global amax), SmoothQuant/AWQ pre-quant scale,
+# KV-cache bias, SVDQuant low-rank factors, and the real-quant scales of its QTensor path. They sit
+# under a `*_quantizer` submodule (input_/weight_/output_/k_bmm_/v_bmm_quantizer, or a
+# SequentialQuantizer's `weight_quantizer.0`). Real-quantized tensors of HF exports (weight_scale,
+# input_scale, k_scale, weight_packed, qweight, scales, ...) never have a `_quantizer.` parent.
+QUANTIZER_BUFFERS = ("amax", "global_amax", "pre_quant_scale", "bias_value", "svdquant_lora_a",
+                     "svdquant_lora_b", "scale", "double_scale", "scale_zeros")
+LEAK_PATTERN = re.compile(r"(?:^|\.)[A-Za-z0-9_]*quantizer(?:\.\d+)?\._(?:%s)$" % "|".join(QUANTIZER_BUFFERS))
+
+
+@check("QNT001")
+def leaked_quantizer_state(ckpt: Checkpoint) -> Iterator[Hit]:
+    for fname, h in ckpt.headers().items():
+        for t in h.tensors:
+            if "quantizer" in t and LEAK_PATTERN.search(t):  # substring test first: 91k names in ms
+                yield Hit(f"quantizer state {t} leaked into the weights: vLLM's loader raises "
+                          f"KeyError on it and transformers reports an unexpected key",
+                          file=fname, tensor=t, fix=DropTensor(fname, t))
+
+
+@check("QNT003")
+def state_file(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+    """QNT003 for vllm_fq_modelopt_state.pth.
+
+    Hand-off: this function owns the code (one check per code). It always runs the header half
+    (state_file_header_problems: is the file loadable with torch.load(weights_only=True), judged
+    from the opcode scan, nothing loaded). Only with options["deep"] and only when the header half
+    found nothing does it call fqcheck.quant.state.deep_state_problems(ckpt) (amax finite and
+    positive, module names present in the weights), imported lazily: skipped when not installed."""
+    header = list(state_file_header_problems(ckpt))
+    yield from header
+    if header or not options.get("deep") or STATE_NAME not in ckpt.names:
+        return
+    try:
+        from ..quant.state import deep_state_problems
+    except ImportError:
+        return
+    yield from deep_state_problems(ckpt)
+
+
+def state_file_header_problems(ckpt: Checkpoint) -> Iterator[Hit]:
+    if STATE_NAME not in ckpt.names:
+        return
+    why = scan_cached(ckpt, STATE_NAME).weights_only_refusal()
+    if why:
+        yield Hit(f"{STATE_NAME} cannot be loaded with torch.load(weights_only=True) as vLLM's "
+                  f"FakeQuant worker does: {why}", file=STATE_NAME)

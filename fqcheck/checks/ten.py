@@ -1,0 +1,83 @@
+"""TEN: tensors themselves. Header halves here; data-reading halves live in fqcheck.deep."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from ..checkpoint import Checkpoint
+from ..checkpoint import safetensors as st
+from ..checkpoint.pickle_scan import scan_cached
+from ..engine import Hit, check
+
+MAX_LISTED = 8
+EMBED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
+               "gpt_neox.embed_in.weight", "model.language_model.embed_tokens.weight")
+LM_HEAD = "lm_head.weight"
+
+
+@check("TEN001")
+def meta_tensors(ckpt: Checkpoint) -> Iterator[Hit]:
+    for name in ckpt.pickle_names:
+        scan = scan_cached(ckpt, name)
+        n = scan.meta_count
+        if not n:
+            continue
+        keys = scan.meta_keys
+        which = ""
+        if keys:
+            which = ": " + ", ".join(keys[:MAX_LISTED]) + (f" and {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else "")
+        yield Hit(f"{n} meta tensor(s) with no data (shape only, e.g. accelerate-offloaded weights "
+                  f"saved from state_dict()){which}; loading gives 'Cannot copy out of meta tensor'",
+                  file=name, tensor=keys[0] if len(keys) == 1 else None)
+
+
+@check("TEN004")
+def tied_embeddings(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+    """Header half of TEN004: the tie flag against which heads are stored, their shapes and dtypes.
+
+    Hand-off: with options["deep"], the byte comparison of a stored lm_head against the embedding
+    (tie true, same shape and dtype) is done by fqcheck.deep.tied_embedding_hits(ckpt), written
+    separately; it is imported lazily and skipped when that module is not installed."""
+    yield from _tied_header(ckpt)
+    if options.get("deep"):
+        try:
+            from ..deep import tied_embedding_hits
+        except ImportError:
+            return
+        yield from tied_embedding_hits(ckpt)
+
+
+def _tied_header(ckpt: Checkpoint) -> Iterator[Hit]:
+    cfg = ckpt.config
+    if cfg is None or not isinstance(cfg.data, dict) or not ckpt.safetensors_names:
+        return
+    tie = cfg.data.get("tie_word_embeddings")
+    if not isinstance(tie, bool):
+        return
+    if any(p.kind == st.UNREADABLE for h in ckpt.headers().values() for p in h.problems):
+        return  # unreadable shard: what it holds is unknown (SFT001)
+    head = ckpt.tensor(LM_HEAD)
+    if tie is False and head is None:
+        embed = next((n for n in EMBED_NAMES if n in ckpt.tensor_files), None)
+        if embed is None:
+            return  # not a decoder layout we know; ARC rules cover the rest
+        if _indexed(ckpt, LM_HEAD):
+            return  # its shard is missing: IDX003's finding
+        yield Hit(f"config.json has tie_word_embeddings false but no {LM_HEAD} is stored: "
+                  f"transformers leaves lm_head randomly initialised (missing key), vLLM fails to load it",
+                  file=cfg.name, tensor=LM_HEAD)
+    elif tie is True and head is not None:
+        embed = next((n for n in EMBED_NAMES if n in ckpt.tensor_files), None)
+        if embed is None:
+            return
+        hfile, h = head
+        _, e = ckpt.tensor(embed)
+        if (h.shape, h.dtype) != (e.shape, e.dtype):
+            yield Hit(f"tie_word_embeddings is true but the stored {LM_HEAD} ({h.dtype} {list(h.shape)}) "
+                      f"differs from {embed} ({e.dtype} {list(e.shape)}): loaders tie lm_head to the "
+                      "embedding and silently ignore the stored head", file=hfile, tensor=LM_HEAD)
+
+
+def _indexed(ckpt: Checkpoint, tensor: str) -> bool:
+    idx = ckpt.index
+    wm = idx.data.get("weight_map") if idx is not None and isinstance(idx.data, dict) else None
+    return isinstance(wm, dict) and tensor in wm
