@@ -140,7 +140,7 @@ def _model_class(cfg: dict, config):
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and isinstance(config, cls.config_class):
             return cls
     for auto in (AutoModelForCausalLM, AutoModel):
-        cls = auto._model_mapping.get(type(config))
+        cls = auto._model_mapping.get(type(config), None)
         if cls is not None:
             return cls
     raise _NotCheckable(f"transformers has no model class for {type(config).__name__}")
@@ -213,48 +213,46 @@ def _compare(ckpt: Checkpoint) -> Comparison:
         except Exception:  # noqa: BLE001
             return key, False
 
-    present: set[str] = set()          # model keys the checkpoint provides
+    stored: set[str] = set()  # checkpoint keys in the saved layout
+    direct: set[str] = set()  # model keys the checkpoint stores as such (no merge needed)
     for tensor, files in sorted(ckpt.tensor_files.items()):
         fname = files[0]
-        entry = ckpt.headers()[fname].tensors[tensor]
-        found = tuple(entry.shape)
+        found = tuple(ckpt.headers()[fname].tensors[tensor].shape)
         if is_quantizer_state(tensor):
             continue  # QNT001's
+        key, converted = to_model_key(tensor)
         if tensor in saved:
-            present.add(to_model_key(tensor)[0])
-            present.add(tensor)
+            stored.add(tensor)
+            if not converted:
+                direct.add(key)
             if found != saved[tensor] and not _may_differ(tensor, packed):
                 out.mismatched.append((fname, tensor, saved[tensor], found))
             continue
-        key, converted = to_model_key(tensor)
         if key in model_shapes:
-            present.add(key)
-            if not converted and found != model_shapes[key] and not _may_differ(tensor, packed):
-                out.mismatched.append((fname, tensor, model_shapes[key], found))
+            if not converted:
+                direct.add(key)
+                if found != model_shapes[key] and not _may_differ(tensor, packed):
+                    out.mismatched.append((fname, tensor, model_shapes[key], found))
             continue
         owner, _, leaf = tensor.rpartition(".")
-        if leaf in extra_names and _is_module(owner, modules, prefix):
+        if leaf in extra_names and (f"{owner}.weight" in saved or _is_module(owner, modules, prefix)):
             if packed:  # e.g. GPTQ qweight / compressed-tensors weight_packed stand in for weight
-                present.add(f"{owner}.weight")
+                stored.add(f"{owner}.weight")
+                direct.add(f"{owner}.weight")
             continue
         if ign_unexpected and (ign_unexpected.search(tensor) or ign_unexpected.search(key)):
             continue
         out.unexpected.append((fname, tensor))
 
-    reported: set[str] = set()
+    # Tied weights load from whichever of the pair is stored (transformers ties symmetrically).
+    stand_ins = {source for target, source in tied.items() if target in direct}
     for key, shape in saved.items():
-        if key in present:
+        if key in stored or key in stand_ins:
             continue
         mkey = to_model_key(key)[0]
-        if mkey in present or mkey in reported:
+        if mkey in direct or (ign_missing and (ign_missing.search(key) or ign_missing.search(mkey))):
             continue
-        if ign_missing and (ign_missing.search(key) or ign_missing.search(mkey)):
-            continue
-        reported.add(mkey)
         out.missing.append((key, shape))
-    # Tied weights load from whichever of the pair is stored (transformers ties symmetrically).
-    stand_ins = {source for target, source in tied.items() if target in present}
-    out.missing = [m for m in out.missing if m[0] not in stand_ins]
     return out
 
 
