@@ -102,6 +102,32 @@ def test_arc002_expert_removed_named_as_saved(tmp_path_factory, tmp_path):
     assert found(arc(d)) == [("ARC002", None, name)]
 
 
+def test_arc001_expert_beyond_num_experts(tmp_path_factory, tmp_path):
+    d = model_copy(tmp_path_factory, tmp_path, "qwen3_moe", **MOE)
+    name = "model.layers.1.mlp.experts.4.down_proj.weight"
+    edit_shard(d, "model.safetensors", lambda t: t.__setitem__(name, t["model.layers.1.mlp.experts.3.down_proj.weight"].clone()))
+    assert found(arc(d)) == [("ARC001", "model.safetensors", name)]
+
+
+def test_fused_expert_layout_loads_too(tmp_path_factory, tmp_path):
+    # transformers 5 loads the fused layout (save_original_format=False) as well as the per-expert one.
+    d = model_copy(tmp_path_factory, tmp_path, "qwen3_moe", **MOE)
+
+    def fuse(t):
+        for layer in (0, 1):
+            p = f"model.layers.{layer}.mlp.experts"
+            gate = [t.pop(f"{p}.{e}.gate_proj.weight") for e in range(4)]
+            up = [t.pop(f"{p}.{e}.up_proj.weight") for e in range(4)]
+            down = [t.pop(f"{p}.{e}.down_proj.weight") for e in range(4)]
+            t[f"{p}.gate_up_proj"] = torch.cat([torch.stack(gate), torch.stack(up)], dim=1)
+            t[f"{p}.down_proj"] = torch.stack(down)
+    edit_shard(d, "model.safetensors", fuse)
+    assert found(arc(d)) == []
+    edit_shard(d, "model.safetensors", lambda t: t.__setitem__(
+        "model.layers.0.mlp.experts.down_proj", t["model.layers.0.mlp.experts.down_proj"][:3].clone()))
+    assert found(arc(d)) == [("ARC003", "model.safetensors", "model.layers.0.mlp.experts.down_proj")]
+
+
 def test_arc003_wrong_shape(tmp_path_factory, tmp_path):
     d = model_copy(tmp_path_factory, tmp_path, "qwen2")
     name = "model.layers.0.self_attn.k_proj.weight"

@@ -220,19 +220,13 @@ def _compare(ckpt: Checkpoint) -> Comparison:
         found = tuple(ckpt.headers()[fname].tensors[tensor].shape)
         if is_quantizer_state(tensor):
             continue  # QNT001's
-        key, converted = to_model_key(tensor)
-        if tensor in saved:
+        if tensor in saved or tensor in model_shapes:  # the common case: no renaming to look up
+            expected = saved[tensor] if tensor in saved else model_shapes[tensor]
             stored.add(tensor)
-            if not converted:
-                direct.add(key)
-            if found != saved[tensor] and not _may_differ(tensor, packed):
-                out.mismatched.append((fname, tensor, saved[tensor], found))
-            continue
-        if key in model_shapes:
-            if not converted:
-                direct.add(key)
-                if found != model_shapes[key] and not _may_differ(tensor, packed):
-                    out.mismatched.append((fname, tensor, model_shapes[key], found))
+            if tensor in model_shapes:
+                direct.add(tensor)
+            if found != expected and not _may_differ(tensor, packed):
+                out.mismatched.append((fname, tensor, expected, found))
             continue
         owner, _, leaf = tensor.rpartition(".")
         if leaf in extra_names and (f"{owner}.weight" in saved or _is_module(owner, modules, prefix)):
@@ -240,6 +234,13 @@ def _compare(ckpt: Checkpoint) -> Comparison:
                 stored.add(f"{owner}.weight")
                 direct.add(f"{owner}.weight")
             continue
+        key, converted = to_model_key(tensor)  # legacy names, base-model prefix, fused experts
+        if key in model_shapes and not converted:  # a renamed key (or the fused layout)
+            direct.add(key)
+            if found != model_shapes[key] and not _may_differ(tensor, packed):
+                out.mismatched.append((fname, tensor, model_shapes[key], found))
+            continue
+        # A merged key outside the saved layout (an expert index beyond the config's) is unexpected.
         if ign_unexpected and (ign_unexpected.search(tensor) or ign_unexpected.search(key)):
             continue
         out.unexpected.append((fname, tensor))
