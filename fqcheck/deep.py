@@ -27,7 +27,6 @@ SAMPLE_BYTES = 4096      # fingerprint: this many bytes at the head, the tail an
 SAMPLES = 16
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar only when there is this much to read
 _PAGE = mmap.PAGESIZE
-_MADV_POPULATE_READ = 22  # Linux >= 5.14: map a window's pages in one call instead of one fault each
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 # dtype -> (unsigned view, magnitude mask, smallest non-finite magnitude, Inf magnitude, has a zero).
@@ -122,7 +121,8 @@ def scannable(header: st.SafetensorsHeader) -> bool:
 
 
 def scan(ckpt: Checkpoint, *, chunk_bytes: int = CHUNK_BYTES, progress: bool | None = None) -> DeepScan:
-    """Run the deep pass once per Checkpoint object (memoised) and return its results."""
+    """Run the deep pass once per Checkpoint object (memoised) and return its results.
+    One thread: the pass runs at about cat's speed already (see bench/bench_deep_lint.py)."""
     cached = _SCANS.get(ckpt)
     if cached is not None:
         return cached
@@ -137,17 +137,20 @@ def scan(ckpt: Checkpoint, *, chunk_bytes: int = CHUNK_BYTES, progress: bool | N
     try:
         for fname, header in shards:
             with ShardData(header) as sd:
-                for entry in sorted(header.tensors.values(), key=lambda e: e.begin):
-                    s = TensorStats(fname, entry.name, entry.dtype, entry.shape, entry.nbytes,
-                                    _fingerprint(sd, entry))
-                    if entry.dtype in FLOAT_BITS and entry.nbytes:
-                        _scan_floats(np, sd, entry, s, chunk_bytes, bar)
-                    stats[(fname, entry.name)] = s
+                _scan_shard(np, fname, sd, chunk_bytes, bar, stats)
     finally:
         if bar is not None:
             bar.stop()
     result = _SCANS[ckpt] = DeepScan(ckpt, stats, chunk_bytes)
     return result
+
+
+def _scan_shard(np, fname: str, sd: ShardData, chunk_bytes: int, bar, stats: dict) -> None:
+    for entry in sorted(sd.header.tensors.values(), key=lambda e: e.begin):
+        s = TensorStats(fname, entry.name, entry.dtype, entry.shape, entry.nbytes, _fingerprint(sd, entry))
+        if entry.dtype in FLOAT_BITS and entry.nbytes:
+            _scan_floats(np, sd, entry, s, chunk_bytes, bar)
+        stats[(fname, entry.name)] = s
 
 
 def _scan_floats(np, sd: ShardData, entry: st.TensorEntry, s: TensorStats, chunk_bytes: int, bar) -> None:
@@ -178,15 +181,14 @@ def _scan_floats(np, sd: ShardData, entry: st.TensorEntry, s: TensorStats, chunk
 
 
 def _windows(sd: ShardData, entry: st.TensorEntry, chunk_bytes: int):
-    """Yield memoryviews of at most chunk_bytes over one tensor; each window's pages are mapped in
-    one call before use and unmapped after (the caller must release the view before resuming)."""
+    """Yield memoryviews of at most chunk_bytes over one tensor; each window's pages are unmapped
+    after use so resident memory stays bounded (the caller must release the view before resuming)."""
     mm = sd._mm
     start = sd.header.data_start + entry.begin
     stop = sd.header.data_start + entry.end
     for lo in range(start, stop, chunk_bytes):
         hi = min(stop, lo + chunk_bytes)
         page_lo = lo - lo % _PAGE
-        _madvise(mm, _MADV_POPULATE_READ, page_lo, hi - page_lo)
         yield memoryview(mm)[lo:hi]
         # Whole pages only: a page shared with the next window is left mapped.
         page_hi = hi - hi % _PAGE if hi < stop else -(-hi // _PAGE) * _PAGE
