@@ -82,7 +82,7 @@ def main() -> None:
     from fqcheck.checkpoint import Checkpoint
     from fqcheck.deep import scan
 
-    cat_t, lint_t, pass_t, head_t, rss = [], [], [], [], 0
+    cat_t, lint_t, pass_t, pass1_t, head_t, rss = [], [], [], [], [], 0
     lint_cmd = [sys.executable, "-m", "fqcheck", "lint", "--deep", "--quiet", str(a.dir)]
     for _ in range(a.reps):
         cat_t.append(timed(["cat", *map(str, paths)], stdout=devnull)[0])
@@ -95,6 +95,9 @@ def main() -> None:
         t = time.perf_counter()
         scan(Checkpoint.open(a.dir), progress=False)
         pass_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        scan(Checkpoint.open(a.dir), progress=False, workers=1)
+        pass1_t.append(time.perf_counter() - t)
 
     gb = total / 1e9
 
@@ -108,6 +111,7 @@ def main() -> None:
     cb, cm = line("cat", cat_t)
     lb, lm = line("fqcheck lint --deep", lint_t)
     pb, pm = line("deep pass only (in-process)", pass_t)
+    line("deep pass, one thread", pass1_t)
     hb, hm = min(head_t), statistics.median(head_t)
     print(f"{'fqcheck lint (header only)':<28} best {hb:.3f} s   median {hm:.3f} s   (fixed cost: "
           f"interpreter, imports, headers)")

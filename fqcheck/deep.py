@@ -12,6 +12,7 @@ import hashlib
 import mmap
 import os
 import sys
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Iterable
@@ -25,6 +26,7 @@ CHUNK_BYTES = 64 << 20   # one mmap window; resident memory is bounded by this
 BLOCK_BYTES = 1 << 20    # numpy works on cache-sized blocks inside a window
 SAMPLE_BYTES = 4096      # fingerprint: this many bytes at the head, the tail and 14 points between
 SAMPLES = 16
+WORKERS = 2              # reading threads; resident memory is at most WORKERS x CHUNK_BYTES
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar only when there is this much to read
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
@@ -120,9 +122,9 @@ def scannable(header: st.SafetensorsHeader) -> bool:
     return not any(p.kind in (st.UNREADABLE, st.BUFFER) for p in header.problems)
 
 
-def scan(ckpt: Checkpoint, *, chunk_bytes: int = CHUNK_BYTES, progress: bool | None = None) -> DeepScan:
-    """Run the deep pass once per Checkpoint object (memoised) and return its results.
-    One thread: the pass runs at about cat's speed already (see bench/bench_deep_lint.py)."""
+def scan(ckpt: Checkpoint, *, chunk_bytes: int = CHUNK_BYTES, progress: bool | None = None,
+         workers: int | None = None) -> DeepScan:
+    """Run the deep pass once per Checkpoint object (memoised) and return its results."""
     cached = _SCANS.get(ckpt)
     if cached is not None:
         return cached
@@ -130,6 +132,7 @@ def scan(ckpt: Checkpoint, *, chunk_bytes: int = CHUNK_BYTES, progress: bool | N
 
     if chunk_bytes <= 0 or chunk_bytes % 8:
         raise ValueError("chunk_bytes must be a positive multiple of 8")
+    workers = max(1, workers or min(WORKERS, os.cpu_count() or 1))
     shards = [(f, h) for f, h in ckpt.headers().items() if scannable(h)]
     total = sum(e.nbytes for _, h in shards for e in h.tensors.values() if e.dtype in FLOAT_BITS)
     bar = _progress(total, progress)
@@ -137,7 +140,7 @@ def scan(ckpt: Checkpoint, *, chunk_bytes: int = CHUNK_BYTES, progress: bool | N
     try:
         for fname, header in shards:
             with ShardData(header) as sd:
-                _scan_shard(np, fname, sd, chunk_bytes, bar, stats)
+                _scan_shard(np, fname, sd, chunk_bytes, bar, stats, workers)
     finally:
         if bar is not None:
             bar.stop()
@@ -145,12 +148,39 @@ def scan(ckpt: Checkpoint, *, chunk_bytes: int = CHUNK_BYTES, progress: bool | N
     return result
 
 
-def _scan_shard(np, fname: str, sd: ShardData, chunk_bytes: int, bar, stats: dict) -> None:
-    for entry in sorted(sd.header.tensors.values(), key=lambda e: e.begin):
-        s = TensorStats(fname, entry.name, entry.dtype, entry.shape, entry.nbytes, _fingerprint(sd, entry))
-        if entry.dtype in FLOAT_BITS and entry.nbytes:
-            _scan_floats(np, sd, entry, s, chunk_bytes, bar)
-        stats[(fname, entry.name)] = s
+def _scan_shard(np, fname: str, sd: ShardData, chunk_bytes: int, bar, stats: dict, workers: int) -> None:
+    """`workers` threads take the shard's tensors in file order (numpy releases the GIL while it
+    reads the mapping, so two threads read about twice as fast when two cores are free)."""
+    entries = iter(sorted(sd.header.tensors.values(), key=lambda e: e.begin))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            while True:
+                with lock:
+                    entry = next(entries, None)
+                if entry is None:
+                    return
+                _scan_tensor(np, fname, sd, entry, chunk_bytes, bar, stats)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(workers - 1)]
+    for t in threads:
+        t.start()
+    work()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _scan_tensor(np, fname: str, sd: ShardData, entry: st.TensorEntry, chunk_bytes: int, bar, stats: dict) -> None:
+    s = TensorStats(fname, entry.name, entry.dtype, entry.shape, entry.nbytes, _fingerprint(sd, entry))
+    if entry.dtype in FLOAT_BITS and entry.nbytes:
+        _scan_floats(np, sd, entry, s, chunk_bytes, bar)
+    stats[(fname, entry.name)] = s
 
 
 def _scan_floats(np, sd: ShardData, entry: st.TensorEntry, s: TensorStats, chunk_bytes: int, bar) -> None:
