@@ -151,7 +151,8 @@ def scan(ckpt: Checkpoint, *, chunk_bytes: int = CHUNK_BYTES, progress: bool | N
 def _scan_shard(np, fname: str, sd: ShardData, chunk_bytes: int, bar, stats: dict, workers: int) -> None:
     """`workers` threads take the shard's tensors in file order (numpy releases the GIL while it
     reads the mapping, so two threads read about twice as fast when two cores are free)."""
-    entries = iter(sorted(sd.header.tensors.values(), key=lambda e: e.begin))
+    bad = {p.tensor for p in sd.header.problems if p.kind == st.BAD_ENTRY}  # SFT002: sizes untrusted
+    entries = iter(sorted((e for e in sd.header.tensors.values() if e.name not in bad), key=lambda e: e.begin))
     lock = threading.Lock()
     errors: list[BaseException] = []
 

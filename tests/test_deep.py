@@ -1,8 +1,10 @@
 """Deep rules (TEN002, TEN003, TEN005, TEN004's deep half) on real tiny checkpoints, damaged."""
+import struct
+
 import pytest
 import torch
 
-from builders import load_shard, read_config, save_shard, save_tiny_model, write_config
+from builders import load_shard, raw_safetensors, read_config, save_shard, save_tiny_model, write_config
 from fqcheck.api import lint
 from fqcheck.checkpoint import Checkpoint
 from fqcheck.deep import scan, tied_embedding_hits
@@ -201,3 +203,14 @@ def test_clean_models_with_biases_and_layernorms_have_no_deep_findings(tmp_path,
     # hidden 512 makes them >= 1 KiB so the size floor alone would not hide them
     d = save_tiny_model(tmp_path / "m", model_type, hidden_size=512, intermediate_size=1024)
     assert lint(d, deep=True, select=DEEP).findings == []
+
+
+def test_invalid_entry_is_skipped_not_crashed(tmp_path):
+    # SFT002: 13 bytes cannot hold F32 values; the deep pass skips the entry, reads the rest
+    nan = struct.pack("<f", float("nan"))
+    hdr = {"__metadata__": {"format": "pt"},
+           "bad.weight": {"dtype": "F32", "shape": [3], "data_offsets": [0, 13]},
+           "odd.weight": {"dtype": "F32", "shape": [2], "data_offsets": [13, 21]}}  # unaligned start
+    raw_safetensors(tmp_path / SHARD, hdr, b"\0" * 13 + nan + struct.pack("<f", 1.0))
+    r = lint(tmp_path, deep=True)
+    assert [(f.code, f.tensor) for f in r.findings] == [("SFT002", "bad.weight"), ("TEN003", "odd.weight")]
