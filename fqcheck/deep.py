@@ -52,6 +52,7 @@ class TensorStats:
     shape: tuple
     nbytes: int
     fingerprint: bytes        # hash of sampled windows + size; equal bytes => equal fingerprint
+    begin: int = 0            # data offset in the file (aliased entries share it: SFT003)
     nonfinite: int = 0        # NaN + Inf (floating dtypes only)
     inf: int = 0
     all_zero: bool | None = None  # None for non-floating dtypes (not scanned)
@@ -178,7 +179,8 @@ def _scan_shard(np, fname: str, sd: ShardData, chunk_bytes: int, bar, stats: dic
 
 
 def _scan_tensor(np, fname: str, sd: ShardData, entry: st.TensorEntry, chunk_bytes: int, bar, stats: dict) -> None:
-    s = TensorStats(fname, entry.name, entry.dtype, entry.shape, entry.nbytes, _fingerprint(sd, entry))
+    s = TensorStats(fname, entry.name, entry.dtype, entry.shape, entry.nbytes, _fingerprint(sd, entry),
+                    begin=entry.begin)
     if entry.dtype in FLOAT_BITS and entry.nbytes:
         _scan_floats(np, sd, entry, s, chunk_bytes, bar)
     stats[(fname, entry.name)] = s
