@@ -73,7 +73,7 @@ class DeepScan:
     """The result of the pass over one checkpoint: stats per (file, tensor), full digests on demand."""
 
     def __init__(self, ckpt: Checkpoint, stats: dict, chunk_bytes: int):
-        self.ckpt = ckpt
+        self._headers = ckpt.headers()  # not the Checkpoint: the memo must not keep its key alive
         self.stats: dict[tuple[str, str], TensorStats] = stats
         self.chunk_bytes = chunk_bytes
         self._digests: dict[tuple[str, str], bytes] = {}
@@ -82,7 +82,7 @@ class DeepScan:
         """Full blake2b of one tensor's bytes (read again; only asked for fingerprint collisions)."""
         if key not in self._digests:
             fname, tname = key
-            header = self.ckpt.header(fname)
+            header = self._headers[fname]
             h = hashlib.blake2b(digest_size=32)
             with ShardData(header) as sd:
                 entry = header.tensors[tname]

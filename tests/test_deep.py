@@ -222,3 +222,15 @@ def test_aliased_entries_are_sft003_not_ten002(tmp_path):
            "b.weight": {"dtype": "F32", "shape": [32, 32], "data_offsets": [0, 4096]}}
     raw_safetensors(tmp_path / SHARD, hdr, torch.randn(32, 32).numpy().tobytes())
     assert [f.code for f in lint(tmp_path, deep=True).findings] == ["SFT003"]
+
+
+def test_memo_does_not_keep_checkpoints_alive(tiny_llama):
+    import gc
+
+    from fqcheck import deep
+    ck = Checkpoint.open(tiny_llama)
+    scan(ck)
+    n = len(deep._SCANS)
+    del ck
+    gc.collect()
+    assert len(deep._SCANS) == n - 1
