@@ -52,7 +52,7 @@ def levels_for(deep: bool = False, arch: bool = False) -> tuple[str, ...]:
 
 def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Sequence[str] | None = None,
          deep: bool = False, arch: bool = False, rules_dirs: Iterable[str | Path] = (),
-         device: str = "auto") -> Report:
+         device: str = "auto", quiet: bool = False) -> Report:
     """Lint a checkpoint directory (or one .safetensors/.bin file).
 
     Raises CheckpointError for a path that is not a checkpoint, CatalogError for a bad user rule.
@@ -60,5 +60,6 @@ def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Seque
     catalog = load_catalog(tuple(rules_dirs))
     rules = engine.select_rules(catalog, select, ignore, levels_for(deep, arch))
     ckpt = Checkpoint.open(path)
-    findings = engine.run(ckpt, rules, {"device": device, "deep": deep})
+    # quiet: no progress bar on stderr (deep pass); deep: lets a header rule add its deep half.
+    findings = engine.run(ckpt, rules, {"device": device, "deep": deep, "quiet": quiet})
     return Report(str(path), findings, [r.code for r in rules])

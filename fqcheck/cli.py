@@ -65,7 +65,7 @@ def lint(
         raise _fail(f"unknown --fail-on {fail_on!r}; choose from {', '.join(FAIL_ON)}")
     try:
         report = run_lint(path, select=_split(select), ignore=_split(ignore), deep=deep, arch=arch,
-                          rules_dirs=rules or ())
+                          rules_dirs=rules or (), quiet=quiet)
     except (CheckpointError, CatalogError) as e:
         raise _fail(str(e))
     except CheckCrashed as e:
