@@ -1,0 +1,221 @@
+"""Fake-quant formats: (weight, QuantSpec) -> the weight Model Optimizer's TensorQuantizer produces.
+
+The FakeQuant export folds a weight as `quantizer(w.float()).to(w.dtype)`
+(modelopt/torch/export/plugins/vllm_fakequant_hf.py, _fakequant_module_weights); `fold` does the
+same. Every formula below was read from nvidia-modelopt 0.47.0 (file paths relative to its
+`modelopt/torch/`) and is checked bit for bit against it in tests/test_quant.py where modelopt runs.
+
+Bit identity between CPU and CUDA: scales that depend only on amax are computed once on the CPU in
+float32 and moved; the rest are plain elementwise float32 ops (IEEE mul/div, no fused ops, no
+matmul, so no TF32), round-half-even `torch.round`, torch's RNE float8 casts, and exact amax
+reductions. Importing this module imports torch: only deep checks and fix --deep import it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+EPS = 1.0 / (1 << 24)  # modelopt's "amax treated as zero" threshold (tensor_quant.py)
+E4M3_MAX = 448.0
+FP4_MAX = 6.0
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What a weight quantizer does. `fmt`: "fp8" (E4M3, per-tensor or per-channel via amax shape),
+    "int" (num_bits, per-tensor / per-channel / static blocks), "nvfp4" (dynamic E2M1 blocks of 16
+    with E4M3 block scales; amax is the per-tensor global amax)."""
+    fmt: str
+    amax: object = field(compare=False, repr=False)  # float32 CPU tensor (scalar, per-channel or per-block)
+    num_bits: int = 8
+    unsigned: bool = False
+    narrow_range: bool = True
+    block_size: int | None = None  # static INT blocks along the last dim, or the NVFP4 block
+
+    @property
+    def name(self) -> str:
+        if self.fmt == "nvfp4":
+            return f"NVFP4 (E2M1, block {self.block_size}, E4M3 block scales)"
+        n = self.amax.numel()
+        gran = "per-tensor" if n == 1 else (f"block {self.block_size}" if self.block_size else "per-channel")
+        if self.fmt == "fp8":
+            return f"FP8 E4M3 {gran}"
+        return f"{'U' if self.unsigned else ''}INT{self.num_bits} {gran}"
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """--device auto|cpu|cuda[:N]: auto takes the GPU when torch sees one."""
+    d = (device or "auto").strip().lower()
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(d)  # raises RuntimeError on nonsense
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: use auto, cpu or cuda[:N]")
+    return dev
+
+
+def _broadcast_amax(amax: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-channel amax as modelopt keeps it (keepdims, e.g. (out, 1)) broadcasts as is; a flat
+    per-channel vector is laid along the axis whose length it matches (modelopt:
+    `axis = amax.shape.index(amax.numel())` in tensor_quant.py fake_quant_impl)."""
+    if amax.numel() == 1:
+        return amax.reshape(())
+    if amax.dim() == x.dim():
+        return amax
+    flat = amax.reshape(-1)
+    axis = list(x.shape).index(flat.numel())
+    shape = [1] * x.dim()
+    shape[axis] = flat.numel()
+    return flat.reshape(shape)
+
+
+def fake_fp8_e4m3(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3, per-tensor or per-channel. quantization/tensor_quant.py `_fp8_eager` (CPU) and
+    kernels/quantization/gemm/tensor_quant_gpu_fp8.cu `fake_e4m3fy[_with_axis]` (CUDA), same math:
+        safe_amax = amax <= 2**-24 ? 1 : amax        (float32)
+        scale = 448 / safe_amax; inv_scale = 1 / scale
+        out = float(e4m3_rne_satfinite(x * scale)) * inv_scale
+    The eager path saturates by clamping to +-448 before torch's RNE cast; NaN stays NaN."""
+    a = _broadcast_amax(amax.to(torch.float32).cpu(), x)
+    safe = torch.where(a <= EPS, torch.ones_like(a), a)
+    scale = 448.0 / safe
+    inv_scale = 1 / scale
+    scale, inv_scale = scale.to(x.device), inv_scale.to(x.device)
+    q = (x * scale).clamp(min=-E4M3_MAX, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.to(torch.float32) * inv_scale
+
+
+def fake_int(x: torch.Tensor, amax: torch.Tensor, num_bits: int = 8, unsigned: bool = False,
+             narrow_range: bool = True) -> torch.Tensor:
+    """Integer fake quant. quantization/tensor_quant.py `_tensor_quant` (the CPU path; the CUDA
+    extension tensor_quant_gpu.cu `fake_tensor_quant_device` is the same except that it zeroes
+    when amax < 2**-24 where the CPU path zeroes when amax <= 2**-24):
+        max_bound = 2**(bits-1+unsigned) - 1; min_bound = 0 | -max_bound (narrow) | -max_bound-1
+        scale = max_bound / amax; where amax <= 2**-24: scale = 0
+        out = clamp(round_half_even(x * scale), min_bound, max_bound) / (scale or 1 where zeroed)"""
+    a = _broadcast_amax(amax.to(torch.float32).cpu(), x)
+    if bool((a < 0).any()):
+        raise ValueError("negative amax")
+    max_bound = float(2.0 ** (num_bits - 1 + int(unsigned)) - 1.0)
+    min_bound = 0.0 if unsigned else (-max_bound if narrow_range else -max_bound - 1.0)
+    scale = torch.tensor(max_bound, dtype=torch.float32) / a
+    zero = a <= EPS
+    scale_q = torch.where(zero, torch.zeros_like(scale), scale).to(x.device)
+    scale_d = torch.where(zero, torch.ones_like(scale), scale).to(x.device)
+    q = torch.clamp(torch.round(x * scale_q), min_bound, max_bound)
+    return q / scale_d
+
+
+def fake_int_block(x: torch.Tensor, amax: torch.Tensor, block: int, num_bits: int = 4,
+                   unsigned: bool = False, narrow_range: bool = True) -> torch.Tensor:
+    """Static blocks along the last dim (INT4 AWQ: block_sizes {-1: 128, "type": "static"}).
+    quantization/nn/modules/tensor_quantizer.py `_setup_for_blockquant` / `_process_for_blockquant`:
+    zero-pad the last dim to a multiple of the block, view as (-1, block), quantize with one amax per
+    block (amax shape (n_blocks, 1)), view back and cut the padding."""
+    shape = x.shape
+    pad = (-shape[-1]) % block
+    xp = torch.nn.functional.pad(x, (0, pad)) if pad else x
+    nblocks = xp.numel() // block
+    if amax.numel() != nblocks:
+        raise ValueError(f"amax has {amax.numel()} values for {nblocks} blocks of {block}")
+    out = fake_int(xp.reshape(-1, block), amax.reshape(nblocks, 1), num_bits, unsigned, narrow_range)
+    out = out.reshape(xp.shape)
+    return out[..., :shape[-1]] if pad else out
+
+
+def _fp4_round_magnitude(a: torch.Tensor) -> torch.Tensor:
+    """kernels/quantization/common/nvfp4_quant.py `fp4_round_magnitude`: nearest E2M1 magnitude with
+    ties to even (<= at the boundaries below an even code, < below an odd one)."""
+    out = torch.full_like(a, 6.0)
+    # Walk the thresholds from the top so lower buckets overwrite.
+    for bound, value, inclusive in ((5.0, 4.0, True), (3.5, 3.0, False), (2.5, 2.0, True),
+                                    (1.75, 1.5, False), (1.25, 1.0, True), (0.75, 0.5, False),
+                                    (0.25, 0.0, True)):
+        hit = a <= bound if inclusive else a < bound
+        out = torch.where(hit, torch.full_like(a, value), out)
+    return out
+
+
+def fake_nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """NVFP4, dynamic E4M3 block scales. quantization/tensor_quant.py `_dynamic_block_quantize_impl`
+    (amax with several values is reduced with .amax()) -> kernels/quantization/gemm/
+    fp4_kernel_hopper.py `fp4_fake_quant_block` + common/nvfp4_quant.py `fp8_quantize_scale`:
+        gs = float32(global_amax) / 2688;  gs = gs > 0 ? gs : 1e-12
+        per block of 16 along the last dim (zero padded): bmax = max |x|
+        s = float(e4m3_rne(min(bmax / (6 * gs), 448))) * gs;  s = s >= 1e-5 ? s : 1
+        out = sign(x) * fp4_round_magnitude(|x| / s) * s"""
+    g = global_amax.to(torch.float32).cpu().amax() / (FP4_MAX * E4M3_MAX)
+    g = torch.where(g > 0, g, torch.tensor(1e-12, dtype=torch.float32))
+    six_g = (FP4_MAX * g).to(x.device)
+    g = g.to(x.device)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]) if x.dim() else x.reshape(1, 1)
+    pad = (-x2.shape[-1]) % block
+    xp = torch.nn.functional.pad(x2, (0, pad)) if pad else x2
+    blocks = xp.reshape(xp.shape[0], -1, block)
+    xa = blocks.abs()
+    bmax = xa.amax(dim=-1, keepdim=True)
+    s = torch.clamp(bmax / six_g, max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * g
+    s = torch.where(s >= 1e-5, s, torch.ones_like(s))
+    y = _fp4_round_magnitude(xa / s) * s
+    y = torch.where(blocks >= 0, y, -y)
+    y = y.reshape(xp.shape)
+    if pad:
+        y = y[:, :x2.shape[-1]]
+    return y.reshape(shape)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The quantizer on a float32 tensor (what TensorQuantizer.forward returns for it)."""
+    if spec.fmt == "fp8":
+        return fake_fp8_e4m3(x, spec.amax)
+    if spec.fmt == "int":
+        if spec.block_size:
+            return fake_int_block(x, spec.amax, spec.block_size, spec.num_bits, spec.unsigned, spec.narrow_range)
+        return fake_int(x, spec.amax, spec.num_bits, spec.unsigned, spec.narrow_range)
+    if spec.fmt == "nvfp4":
+        return fake_nvfp4(x, spec.amax, spec.block_size or 16)
+    raise ValueError(f"unsupported format {spec.fmt!r}")
+
+
+def fold(weight: torch.Tensor, spec: QuantSpec, device: torch.device | str | None = None) -> torch.Tensor:
+    """`quantizer(w.float()).to(w.dtype)` on `device`; returns a CPU tensor in the weight's dtype."""
+    dev = torch.device(device) if device is not None else weight.device
+    w = weight.to(dev)
+    out = quantize(w.to(torch.float32), spec).to(weight.dtype)
+    return out.cpu() if out.device.type != "cpu" else out
+
+
+def off_grid_fraction(weight: torch.Tensor, spec: QuantSpec, device=None) -> float:
+    """Fraction of elements where fold(weight) != weight (a weight already equal to what the
+    quantizer produces is on the grid). Compared as values: -0.0 == 0.0, because NVFP4 maps a
+    folded -0.0 to +0.0 (its kernel takes the sign from x >= 0), so bits are not a fixed point."""
+    n = weight.numel()
+    if n == 0:
+        return 0.0
+    return off_grid(weight, fold(weight, spec, device)) / n
+
+
+def off_grid(weight: torch.Tensor, folded: torch.Tensor) -> int:
+    """Number of elements whose value changes under the fold (NaN == NaN, -0.0 == 0.0)."""
+    diff = weight != folded
+    if weight.is_floating_point():
+        diff &= ~(torch.isnan(weight) & torch.isnan(folded))
+    return int(diff.sum())
+
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def differing(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Number of elements whose bytes differ; -0.0 differs from 0.0, any NaN equals any NaN (NaN
+    payloads are not part of the math: weights holding NaN are never re-folded, TEN003 reports them)."""
+    v = _INT_VIEW[a.element_size()]
+    a, b = a.contiguous(), b.contiguous()
+    diff = a.view(v) != b.view(v)
+    if a.is_floating_point():
+        diff &= ~(torch.isnan(a) & torch.isnan(b))
+    return int(diff.sum())
