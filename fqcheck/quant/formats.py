@@ -127,16 +127,13 @@ def fake_int_block(x: torch.Tensor, amax: torch.Tensor, block: int, num_bits: in
 
 
 def _fp4_round_magnitude(a: torch.Tensor) -> torch.Tensor:
-    """kernels/quantization/common/nvfp4_quant.py `fp4_round_magnitude`: nearest E2M1 magnitude with
-    ties to even (<= at the boundaries below an even code, < below an odd one)."""
-    out = torch.full_like(a, 6.0)
-    # Walk the thresholds from the top so lower buckets overwrite.
-    for bound, value, inclusive in ((5.0, 4.0, True), (3.5, 3.0, False), (2.5, 2.0, True),
-                                    (1.75, 1.5, False), (1.25, 1.0, True), (0.75, 0.5, False),
-                                    (0.25, 0.0, True)):
-        hit = a <= bound if inclusive else a < bound
-        out = torch.where(hit, torch.full_like(a, value), out)
-    return out
+    """kernels/quantization/common/nvfp4_quant.py `fp4_round_magnitude`: a cascade of thresholds
+    (<= 0.25 -> 0, < 0.75 -> 0.5, <= 1.25 -> 1, < 1.75 -> 1.5, <= 2.5 -> 2, < 3.5 -> 3, <= 5 -> 4,
+    else 6), i.e. round half to even on the E2M1 grid, saturating at 6. Computed in fewer passes as
+    round_half_even(a / step) * step with step 0.5 below 2, 1 below 4, else 2 (all exact in float32);
+    tests/test_quant.py checks it against the cascade at every threshold and its float32 neighbours."""
+    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+    return torch.clamp(torch.round(a / step) * step, max=FP4_MAX)
 
 
 def fake_nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block: int = 16) -> torch.Tensor:
