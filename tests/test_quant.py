@@ -226,6 +226,7 @@ def test_cuda_bit_identical_to_modelopt_kernels(dtype):
              dict(num_bits=4, block_sizes={-1: 128, "type": "static"}),
              dict(num_bits=(2, 1), block_sizes={-1: 16, "type": "dynamic", "scale_bits": (4, 3)})]
     del tq
+    bad = {}
     for seed in range(4):
         w = _edge_weights(dtype, seed).cuda()
         for a, spec in zip(attrs, _all_specs(w.cpu())):
@@ -233,21 +234,7 @@ def test_cuda_bit_identical_to_modelopt_kernels(dtype):
             q.amax = spec.amax.reshape(-1, 1) if spec.block_size and spec.fmt == "int" else spec.amax
             q.amax = q.amax.cuda()
             want = q(w.float()).to(dtype).cpu()
-            assert differing(fold(w, spec, "cuda"), want) == 0, (seed, a)
-
-
-def _fp4_cascade(a):
-    """modelopt's fp4_round_magnitude, written as its where-cascade."""
-    out = torch.full_like(a, 6.0)
-    for bound, value, inclusive in ((5.0, 4.0, True), (3.5, 3.0, False), (2.5, 2.0, True), (1.75, 1.5, False),
-                                    (1.25, 1.0, True), (0.75, 0.5, False), (0.25, 0.0, True)):
-        out = torch.where(a <= bound if inclusive else a < bound, torch.full_like(a, value), out)
-    return out
-
-
-def test_fp4_rounding_equals_modelopt_cascade_at_every_boundary():
-    from fqcheck.quant.formats import _fp4_round_magnitude
-    b = t(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 1e30, math.inf)
-    a = torch.cat([b, torch.nextafter(b, torch.tensor(math.inf)), torch.nextafter(b, torch.tensor(0.0)),
-                   torch.rand(100000) * 8, torch.rand(1000) * 1e-3])
-    same(_fp4_round_magnitude(a), _fp4_cascade(a))
+            n = differing(fold(w, spec, "cuda"), want)
+            if n:
+                bad[f"{spec.name} seed {seed}"] = n
+    assert not bad, bad
