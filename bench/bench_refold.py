@@ -52,6 +52,15 @@ def e2e_gbs(fn, weights, reps=2) -> float:
     return sum(w.numel() * w.element_size() for w in weights) / best / 1e9
 
 
+def _pinned_roundtrip(w, dev, fn):
+    """Host -> device -> fn -> host through page-locked staging buffers (what a pinned reader would do)."""
+    src = w.pin_memory()
+    out = fn(src.to(dev, non_blocking=True))
+    dst = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+    dst.copy_(out)
+    return dst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=8192)
@@ -79,8 +88,11 @@ def main() -> None:
     del gpu_w
     torch.cuda.empty_cache()
     res["e2e_GBps"]["baseline_h2d_d2h"] = e2e_gbs(lambda w: w.to(dev).cpu(), cpu_w)
+    res["e2e_GBps"]["baseline_h2d_d2h_pinned"] = e2e_gbs(lambda w: _pinned_roundtrip(w, dev, lambda g: g), cpu_w)
     for name, spec in specs.items():
         res["e2e_GBps"][name] = e2e_gbs(lambda w, s=spec: fold(w, s, dev), cpu_w)
+        res["e2e_GBps"][name + "_pinned_staging"] = e2e_gbs(
+            lambda w, s=spec: _pinned_roundtrip(w, dev, lambda g: quantize(g.float(), s).to(torch.bfloat16)), cpu_w)
     t0 = time.perf_counter()
     fold(cpu_w[0], specs["nvfp4"], "cpu")
     res["cpu_nvfp4_GBps_one_tensor"] = cpu_w[0].numel() * 2 / (time.perf_counter() - t0) / 1e9

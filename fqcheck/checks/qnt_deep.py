@@ -42,7 +42,7 @@ def unquantized_weights(ckpt, **options):
     except ImportError:  # deep checks need torch; without it there is nothing to compare
         return
     from ..checkpoint.data import ShardData
-    from ..quant.formats import fold, off_grid, resolve_device
+    from ..quant.formats import off_grid_count, resolve_device
     from ..quant.state import _clean_header, load_state, read_tensor, weight_spec
 
     device_opt = options.get("device") or "auto"
@@ -66,11 +66,10 @@ def unquantized_weights(ckpt, **options):
         if not bool(torch.isfinite(w).all()):
             continue  # TEN003 reports NaN/Inf; re-folding them would hide that
         try:
-            folded = fold(w, spec, device)
+            n = off_grid_count(w, spec, device)
         except ValueError:
             continue  # amax does not fit the weight (shape): QNT003's business
-        n = off_grid(w, folded)
-        del folded, w
+        del w
         if not n:
             continue
         frac = n / entry_numel(entry)

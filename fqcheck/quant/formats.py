@@ -72,17 +72,20 @@ def _broadcast_amax(amax: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return flat.reshape(shape)
 
 
-def fake_fp8_e4m3(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """FP8 E4M3, per-tensor or per-channel. quantization/tensor_quant.py `_fp8_eager` (CPU) and
-    kernels/quantization/gemm/tensor_quant_gpu_fp8.cu `fake_e4m3fy[_with_axis]` (CUDA), same math:
+def fake_fp8_e4m3(x: torch.Tensor, amax: torch.Tensor, eager: bool = False) -> torch.Tensor:
+    """FP8 E4M3, per-tensor or per-channel. kernels/quantization/gemm/tensor_quant_gpu_fp8.cu
+    `fake_e4m3fy[_with_axis]` (the CUDA extension a GPU export runs):
         safe_amax = amax <= 2**-24 ? 1 : amax        (float32)
-        scale = 448 / safe_amax; inv_scale = 1 / scale
+        scale = 448 / safe_amax  (IEEE division);  inv_scale = 1 / scale
         out = float(e4m3_rne_satfinite(x * scale)) * inv_scale
-    The eager path saturates by clamping to +-448 before torch's RNE cast; NaN stays NaN."""
+    eager=True is quantization/tensor_quant.py `_fp8_eager` (modelopt on CPU, or on a GPU where the
+    extension did not build): the same except `448.0 / safe_amax` is Python's Tensor.__rtruediv__,
+    i.e. reciprocal(safe_amax) * 448, which differs from the division by an ulp for ~25% of amax
+    values (measured on an H100 against both). Saturation: clamp to +-448 before torch's RNE cast."""
     a = _broadcast_amax(amax.to(torch.float32).cpu(), x)
     safe = torch.where(a <= EPS, torch.ones_like(a), a)
-    scale = 448.0 / safe
-    inv_scale = 1 / scale
+    scale = safe.reciprocal() * 448.0 if eager else torch.full_like(safe, 448.0) / safe
+    inv_scale = torch.ones_like(scale) / scale
     scale, inv_scale = scale.to(x.device), inv_scale.to(x.device)
     q = (x * scale).clamp(min=-E4M3_MAX, max=E4M3_MAX).to(torch.float8_e4m3fn)
     return q.to(torch.float32) * inv_scale
@@ -126,25 +129,36 @@ def fake_int_block(x: torch.Tensor, amax: torch.Tensor, block: int, num_bits: in
     return out[..., :shape[-1]] if pad else out
 
 
-def _fp4_round_magnitude(a: torch.Tensor) -> torch.Tensor:
+def _fp4_round_magnitude(a: torch.Tensor, tie: int = 0) -> torch.Tensor:
     """kernels/quantization/common/nvfp4_quant.py `fp4_round_magnitude`: a cascade of thresholds
     (<= 0.25 -> 0, < 0.75 -> 0.5, <= 1.25 -> 1, < 1.75 -> 1.5, <= 2.5 -> 2, < 3.5 -> 3, <= 5 -> 4,
     else 6), i.e. round half to even on the E2M1 grid, saturating at 6. Computed in fewer passes as
     round_half_even(a / step) * step with step 0.5 below 2, 1 below 4, else 2 (all exact in float32);
-    tests/test_quant.py checks it against the cascade at every threshold and its float32 neighbours."""
+    tests/test_quant.py checks it against the cascade at every threshold and its float32 neighbours.
+    tie=+1/-1 nudges `a` up/down by 2**-20 (relative) first: see fake_nvfp4."""
+    if tie:
+        a = a * (1.0 + tie * 2.0 ** -20)
     step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
     return torch.clamp(torch.round(a / step) * step, max=FP4_MAX)
 
 
-def fake_nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block: int = 16) -> torch.Tensor:
+INV_2688 = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(FP4_MAX * E4M3_MAX, dtype=torch.float32)
+
+
+def fake_nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block: int = 16, tie: int = 0) -> torch.Tensor:
     """NVFP4, dynamic E4M3 block scales. quantization/tensor_quant.py `_dynamic_block_quantize_impl`
     (amax with several values is reduced with .amax()) -> kernels/quantization/gemm/
     fp4_kernel_hopper.py `fp4_fake_quant_block` + common/nvfp4_quant.py `fp8_quantize_scale`:
-        gs = float32(global_amax) / 2688;  gs = gs > 0 ? gs : 1e-12
+        gs = float32(global_amax) * fl32(1/2688)   (torch on CUDA divides by a Python scalar as a
+             multiplication by its float32 reciprocal: measured, it is not IEEE amax / 2688)
+        gs = gs > 0 ? gs : 1e-12
         per block of 16 along the last dim (zero padded): bmax = max |x|
         s = float(e4m3_rne(min(bmax / (6 * gs), 448))) * gs;  s = s >= 1e-5 ? s : 1
-        out = sign(x) * fp4_round_magnitude(|x| / s) * s"""
-    g = global_amax.to(torch.float32).cpu().amax() / (FP4_MAX * E4M3_MAX)
+        out = sign(x) * fp4_round_magnitude(|x| / s) * s   (sign from x >= 0: -0.0 gives +0.0)
+    Divisions here are IEEE. Triton's fp32 division in modelopt's kernel is approximate, so where
+    |x| / s lands exactly on an E2M1 rounding threshold modelopt may round either way (measured: a
+    few elements in 10^4 for bf16 weights); tie=+1/-1 gives those alternatives for conformance."""
+    g = global_amax.to(torch.float32).cpu().amax() * INV_2688
     g = torch.where(g > 0, g, torch.tensor(1e-12, dtype=torch.float32))
     six_g = (FP4_MAX * g).to(x.device)
     g = g.to(x.device)
@@ -157,7 +171,7 @@ def fake_nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block: int = 16) -> t
     bmax = xa.amax(dim=-1, keepdim=True)
     s = torch.clamp(bmax / six_g, max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * g
     s = torch.where(s >= 1e-5, s, torch.ones_like(s))
-    y = _fp4_round_magnitude(xa / s) * s
+    y = _fp4_round_magnitude(xa / s, tie) * s
     y = torch.where(blocks >= 0, y, -y)
     y = y.reshape(xp.shape)
     if pad:
@@ -165,25 +179,48 @@ def fake_nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block: int = 16) -> t
     return y.reshape(shape)
 
 
-def quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """The quantizer on a float32 tensor (what TensorQuantizer.forward returns for it)."""
+def quantize(x: torch.Tensor, spec: QuantSpec, variant: int = 0) -> torch.Tensor:
+    """The quantizer on a float32 tensor (what TensorQuantizer.forward returns for it). variant 0 is
+    modelopt's GPU path; the others are what modelopt may also have produced (see variants())."""
     if spec.fmt == "fp8":
-        return fake_fp8_e4m3(x, spec.amax)
+        return fake_fp8_e4m3(x, spec.amax, eager=variant == 1)
     if spec.fmt == "int":
         if spec.block_size:
             return fake_int_block(x, spec.amax, spec.block_size, spec.num_bits, spec.unsigned, spec.narrow_range)
         return fake_int(x, spec.amax, spec.num_bits, spec.unsigned, spec.narrow_range)
     if spec.fmt == "nvfp4":
-        return fake_nvfp4(x, spec.amax, spec.block_size or 16)
+        return fake_nvfp4(x, spec.amax, spec.block_size or 16, tie=(0, 1, -1)[variant])
     raise ValueError(f"unsupported format {spec.fmt!r}")
 
 
-def fold(weight: torch.Tensor, spec: QuantSpec, device: torch.device | str | None = None) -> torch.Tensor:
+def variants(spec: QuantSpec) -> int:
+    """How many results modelopt can give for this format: FP8 through its CUDA extension or its
+    eager fallback (2); NVFP4 with either rounding at exact E2M1 thresholds (3); INT (1: its CPU
+    path and CUDA extension agree, measured)."""
+    return {"fp8": 2, "nvfp4": 3}.get(spec.fmt, 1)
+
+
+def fold(weight: torch.Tensor, spec: QuantSpec, device: torch.device | str | None = None,
+         variant: int = 0) -> torch.Tensor:
     """`quantizer(w.float()).to(w.dtype)` on `device`; returns a CPU tensor in the weight's dtype."""
     dev = torch.device(device) if device is not None else weight.device
     w = weight.to(dev)
-    out = quantize(w.to(torch.float32), spec).to(weight.dtype)
+    out = quantize(w.to(torch.float32), spec, variant).to(weight.dtype)
     return out.cpu() if out.device.type != "cpu" else out
+
+
+def off_grid_count(weight: torch.Tensor, spec: QuantSpec, device=None) -> int:
+    """Elements of `weight` that no modelopt variant of the fold reproduces (on the grid = equal to
+    what the quantizer produces, compared as values)."""
+    dev = torch.device(device) if device is not None else weight.device
+    w = weight.to(dev)
+    off = None
+    for v in range(variants(spec)):
+        f = quantize(w.to(torch.float32), spec, v).to(weight.dtype)
+        miss = (w != f) & ~(torch.isnan(w) & torch.isnan(f)) if w.is_floating_point() else w != f
+        off = miss if off is None else off & miss
+        del f
+    return int(off.sum())
 
 
 def off_grid_fraction(weight: torch.Tensor, spec: QuantSpec, device=None) -> float:
@@ -191,9 +228,7 @@ def off_grid_fraction(weight: torch.Tensor, spec: QuantSpec, device=None) -> flo
     quantizer produces is on the grid). Compared as values: -0.0 == 0.0, because NVFP4 maps a
     folded -0.0 to +0.0 (its kernel takes the sign from x >= 0), so bits are not a fixed point."""
     n = weight.numel()
-    if n == 0:
-        return 0.0
-    return off_grid(weight, fold(weight, spec, device)) / n
+    return off_grid_count(weight, spec, device) / n if n else 0.0
 
 
 def off_grid(weight: torch.Tensor, folded: torch.Tensor) -> int:
