@@ -115,7 +115,7 @@ def test_int4_blocks_with_padding():
 # ---- NVFP4: gs = amax/2688, block scale E4M3(bmax/(6 gs)) * gs, E2M1 thresholds -----------------
 def test_nvfp4_e2m1_thresholds_and_block_scales():
     b1 = t(0.25, 0.26, 0.75, 0.74, 1.25, 1.75, 2.5, 3.5, 5.0, 5.1, 6.0, -2.6, -0.1, 0.0, 1.5, 3.0)
-    w1 = t(0.0, 0.5, 1.0, 0.5, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, -3.0, -0.0, 0.0, 1.5, 3.0)
+    w1 = t(0.0, 0.5, 1.0, 0.5, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, -3.0, 0.0, 0.0, 1.5, 3.0)  # -0.1 -> +0.0
     b2 = b1 * 2  # bmax 12 -> scale 2
     b3 = torch.full((16,), 1e-6)  # scale underflows E4M3 to 0 -> < 1e-5 -> 1 -> everything rounds to 0
     b4 = torch.zeros(16)
@@ -152,9 +152,7 @@ def test_refold_is_idempotent_and_conformant(dtype, make):
     spec = make(w)
     f = fold(w, spec)
     assert f.dtype == dtype and f.shape == w.shape
-    ff = fold(f, spec)
-    assert off_grid(f, ff) == 0  # fold(fold(w)) == fold(w) as values (NVFP4 turns -0.0 into 0.0)
-    same(fold(ff, spec), ff)     # and bit for bit from the second fold on
+    same(fold(f, spec), f)  # fold(fold(w)) == fold(w), bit for bit
     assert off_grid_fraction(f, spec) == 0.0
     assert off_grid_fraction(w, spec) > 0.5  # raw weights are mostly off any grid
 

@@ -154,7 +154,7 @@ def fake_nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block: int = 16, tie:
         gs = gs > 0 ? gs : 1e-12
         per block of 16 along the last dim (zero padded): bmax = max |x|
         s = float(e4m3_rne(min(bmax / (6 * gs), 448))) * gs;  s = s >= 1e-5 ? s : 1
-        out = sign(x) * fp4_round_magnitude(|x| / s) * s   (sign from x >= 0: -0.0 gives +0.0)
+        out = x >= 0 ? q : 0 - q, q = fp4_round_magnitude(|x| / s) * s   (never -0.0: measured)
     Divisions here are IEEE. Triton's fp32 division in modelopt's kernel is approximate, so where
     |x| / s lands exactly on an E2M1 rounding threshold modelopt may round either way (measured: a
     few elements in 10^4 for bf16 weights); tie=+1/-1 gives those alternatives for conformance."""
@@ -172,7 +172,7 @@ def fake_nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block: int = 16, tie:
     s = torch.clamp(bmax / six_g, max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * g
     s = torch.where(s >= 1e-5, s, torch.ones_like(s))
     y = _fp4_round_magnitude(xa / s, tie) * s
-    y = torch.where(blocks >= 0, y, -y)
+    y = torch.where(blocks >= 0, y, 0.0 - y)  # Triton negates as 0 - y: a negative x rounded to 0 gives +0.0
     y = y.reshape(xp.shape)
     if pad:
         y = y[:, :x2.shape[-1]]
