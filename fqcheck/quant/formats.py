@@ -204,8 +204,13 @@ def fold(weight: torch.Tensor, spec: QuantSpec, device: torch.device | str | Non
          variant: int = 0) -> torch.Tensor:
     """`quantizer(w.float()).to(w.dtype)` on `device`; returns a CPU tensor in the weight's dtype."""
     dev = torch.device(device) if device is not None else weight.device
-    w = weight.to(dev)
-    out = quantize(w.to(torch.float32), spec, variant).to(weight.dtype)
+    if dev.type == "cuda" and weight.device.type == "cpu":
+        # page-locked staging: pageable copies ran at ~1 GB/s on the H100 machine, pinned at ~13 GB/s
+        out = quantize(weight.pin_memory().to(dev, non_blocking=True).to(torch.float32), spec, variant)
+        host = torch.empty(out.shape, dtype=weight.dtype, pin_memory=True)
+        host.copy_(out.to(weight.dtype))
+        return host
+    out = quantize(weight.to(dev).to(torch.float32), spec, variant).to(weight.dtype)
     return out.cpu() if out.device.type != "cpu" else out
 
 
