@@ -2,9 +2,10 @@
 
 Kernel time: CUDA events around `quantize(w.float(), spec).to(bf16)` on weights already on the GPU
 (what `fold` runs there). End to end: `fold(w_cpu, spec, "cuda")`, host -> device -> fold -> host,
-from pageable host memory as the mmap reader hands it over. Baselines on the same GPU in the same
-run: a bf16 copy, and the `w.float().to(bf16)` round trip the fold starts and ends with (kernel);
-host -> device -> host copies alone (end to end).
+from pageable host tensors as the mmap reader hands them over (fold stages them through page-locked
+buffers). Baselines on the same GPU in the same run: a bf16 copy, and the `w.float().to(bf16)` round
+trip the fold starts and ends with (kernel); host -> device -> host copies alone, pageable and pinned
+(end to end).
 
     python3 bench/bench_refold.py [--rows 8192 --cols 8192 --count 8] [--out result.json]
 """
