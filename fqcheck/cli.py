@@ -51,6 +51,7 @@ def lint(
     output_file: Optional[Path] = typer.Option(None, "--output-file", "-o", help="Write the report here."),
     statistics: bool = typer.Option(False, "--statistics", help="Print a count per code."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the summary (text format)."),
+    device: str = typer.Option("auto", "--device", help="Deep checks' device: auto, cpu or cuda[:N]."),
 ) -> None:
     """Report what is wrong with a checkpoint. Exit 0 clean, 1 findings, 2 usage or internal error."""
     from .api import FAIL_ON, lint as run_lint
@@ -63,9 +64,12 @@ def lint(
         raise _fail(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fail_on not in FAIL_ON:
         raise _fail(f"unknown --fail-on {fail_on!r}; choose from {', '.join(FAIL_ON)}")
+    bad_device = _check_device(device, deep)
+    if bad_device:
+        raise _fail(bad_device)
     try:
         report = run_lint(path, select=_split(select), ignore=_split(ignore), deep=deep, arch=arch,
-                          rules_dirs=rules or (), quiet=quiet)
+                          rules_dirs=rules or (), quiet=quiet, device=device)
     except (CheckpointError, CatalogError) as e:
         raise _fail(str(e))
     except CheckCrashed as e:
@@ -80,6 +84,24 @@ def lint(
     else:
         sys.stdout.write(out)
     raise typer.Exit(EXIT_FINDINGS if report.failed(fail_on) and not exit_zero else EXIT_CLEAN)
+
+
+def _check_device(device: str, deep: bool) -> str | None:
+    """--device auto|cpu|cuda[:N]; a CUDA device is checked (torch imported) only for deep runs."""
+    import re
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device.strip().lower()):
+        return f"unknown --device {device!r}; use auto, cpu or cuda[:N]"
+    if deep and device.startswith("cuda"):
+        try:
+            import torch
+        except ImportError:
+            return f"--device {device}: torch is not installed"
+        if not torch.cuda.is_available():
+            return f"--device {device}: torch sees no CUDA GPU"
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= torch.cuda.device_count():
+            return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)"
+    return None
 
 
 @app.command("rules")

@@ -1,0 +1,264 @@
+"""fqcheck.quant.formats: Model Optimizer's TensorQuantizer math, hand-computed cases, identity with
+modelopt where it runs (skipped without it), idempotence, and CPU == CUDA bit for bit (GPU only)."""
+import math
+
+import pytest
+import torch
+
+from fqcheck.quant.formats import (QuantSpec, differing, fake_fp8_e4m3, fake_int, fake_int_block, fake_nvfp4,
+                                   fold, off_grid, off_grid_count, off_grid_fraction, resolve_device)
+
+NAN = float("nan")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def t(*v):
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def same(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    n = differing(a, b)
+    assert n == 0, f"{n} of {a.numel()} differ; first: {a[a != b][:4].tolist()} vs {b[a != b][:4].tolist()}"
+
+
+# ---- FP8 E4M3: scale = 448/amax, RNE, saturating, NaN kept -------------------------------------
+def test_fp8_ties_to_even_saturation_subnormals_nan():
+    x = t(0.0, -0.0, 1.0, 1.0625, 1.1875, 500.0, -500.0, 2 ** -9, 2 ** -10, 3 * 2 ** -10, 240.0, 464.0, NAN)
+    # amax 448 -> scale 1: plain E4M3 rounding. 1.0625 is halfway 1|1.125 -> even 1.0; 1.1875 halfway
+    # 1.125|1.25 -> 1.25; beyond 448 saturates; 2^-9 is the smallest subnormal, 2^-10 ties to 0,
+    # 3*2^-10 ties between 2^-9 and 2^-8 -> 2^-8 (even mantissa).
+    want = t(0.0, -0.0, 1.0, 1.0, 1.25, 448.0, -448.0, 2 ** -9, 0.0, 2 ** -8, 240.0, 448.0, NAN)
+    same(fake_fp8_e4m3(x, torch.tensor(448.0)), want)
+
+
+def test_fp8_scale_and_inverse_are_float32():
+    # amax 1: scale 448, inv_scale = fl32(1/448); 0.5 -> 224 exactly -> 224 * fl32(1/448)
+    inv = 1 / torch.tensor(448.0)
+    same(fake_fp8_e4m3(t(0.5, -1.0), torch.tensor(1.0)), t(224.0) .mul(inv).repeat(2) * t(1.0, -2.0))
+
+
+def test_fp8_gpu_extension_divides_eager_multiplies_by_the_reciprocal():
+    # amax 2.9: fl(448 / 2.9) != fl(fl(1 / 2.9) * 448); the CUDA extension (variant 0) divides,
+    # modelopt's eager path (Python 448.0 / tensor = reciprocal * 448) multiplies.
+    a = torch.tensor(2.9)
+    div, rcp = torch.tensor(448.0) / a, a.reciprocal() * 448.0
+    assert div != rcp
+    x = t(1.0, -0.37, 2.5)
+    e4 = lambda v: v.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    same(fake_fp8_e4m3(x, a), e4(x * div) * (1 / div))
+    same(fake_fp8_e4m3(x, a, eager=True), e4(x * rcp) * (1 / rcp))
+
+
+def test_fp8_weight_folded_by_either_modelopt_path_is_on_the_grid():
+    torch.manual_seed(3)
+    w = (torch.randn(64, 64) * 0.7).to(torch.bfloat16)
+    spec = QuantSpec("fp8", torch.tensor(2.9))
+    for v in (0, 1):
+        assert off_grid_count(fold(w, spec, variant=v), spec) == 0
+
+
+def test_fp8_tiny_amax_acts_as_one():
+    # amax <= 2^-24 is replaced by 1 (no zeroing in _fp8_eager / fake_e4m3fy)
+    x = t(0.5, 3.0)
+    same(fake_fp8_e4m3(x, torch.tensor(2.0 ** -25)), fake_fp8_e4m3(x, torch.tensor(1.0)))
+    same(fake_fp8_e4m3(x, torch.tensor(0.0)), fake_fp8_e4m3(x, torch.tensor(1.0)))
+
+
+def test_fp8_per_channel_amax_along_axis():
+    x = torch.tensor([[1.0, 500.0], [1.0, 500.0]])
+    amax = torch.tensor([[448.0], [896.0]])  # keepdims, as modelopt stores per-channel amax
+    out = fake_fp8_e4m3(x, amax)
+    same(out[0], t(1.0, 448.0))
+    same(out[1], t(1.0, 512.0))  # scale 0.5: 250 -> 256 (E4M3 step 16 there) -> 512
+    same(fake_fp8_e4m3(x, amax.reshape(-1)), out)  # a flat vector goes along the matching axis
+
+
+# ---- INT: scale = max_bound/amax, round half even, narrow range, amax <= 2^-24 -> 0 --------------
+def test_int8_round_half_even_and_clamp():
+    x = t(0.5, 1.5, 2.5, -0.5, -1.5, 200.0, -200.0, 126.5, NAN)
+    a = torch.tensor(127.0)  # scale 1
+    same(fake_int(x, a, 8, narrow_range=True), t(0.0, 2.0, 2.0, -0.0, -2.0, 127.0, -127.0, 126.0, NAN))
+    same(fake_int(x, a, 8, narrow_range=False), t(0.0, 2.0, 2.0, -0.0, -2.0, 127.0, -128.0, 126.0, NAN))
+    same(fake_int(t(3.0, 300.0), torch.tensor(255.0), 8, unsigned=True), t(3.0, 255.0))  # [0, 255]
+
+
+def test_int8_zero_and_tiny_amax_give_zero():
+    x = t(1.0, -3.0, 0.0)
+    same(fake_int(x, torch.tensor(0.0)), t(0.0, -0.0, 0.0))
+    same(fake_int(x, torch.tensor(2.0 ** -24)), t(0.0, -0.0, 0.0))
+    with pytest.raises(ValueError):
+        fake_int(x, torch.tensor(-1.0))
+
+
+def test_int8_per_channel_scale_division():
+    x = torch.tensor([[1.0, -2.0], [0.3, 100.0]])
+    amax = torch.tensor([[127.0], [12.7]])
+    out = fake_int(x, amax)
+    same(out[0], t(1.0, -2.0))
+    s = torch.tensor(127.0) / torch.tensor(12.7)
+    same(out[1], torch.stack([torch.round(t(0.3)[0] * s), torch.tensor(127.0)]) / s)
+
+
+def test_int4_blocks_with_padding():
+    # block 4, amax per block [7, 14]: block 1 scale 1, block 2 scale 0.5; INT4 narrow range [-7, 7]
+    x = t(1.4, -7.5, 3.5, 0.2, 1.0, 3.0, 20.0, -13.0)
+    same(fake_int_block(x.reshape(1, 8), t(7.0, 14.0), 4, 4).reshape(-1),
+         t(1.0, -7.0, 4.0, 0.0, 0.0, 4.0, 14.0, -12.0))
+    # width 6: the second block is zero-padded to 4 and the padding cut off again
+    y = fake_int_block(x[:6].reshape(1, 6), t(7.0, 14.0), 4, 4)
+    same(y.reshape(-1), t(1.0, -7.0, 4.0, 0.0, 0.0, 4.0))
+    with pytest.raises(ValueError):
+        fake_int_block(x.reshape(1, 8), t(7.0), 4, 4)
+
+
+# ---- NVFP4: gs = amax/2688, block scale E4M3(bmax/(6 gs)) * gs, E2M1 thresholds -----------------
+def test_nvfp4_e2m1_thresholds_and_block_scales():
+    b1 = t(0.25, 0.26, 0.75, 0.74, 1.25, 1.75, 2.5, 3.5, 5.0, 5.1, 6.0, -2.6, -0.1, 0.0, 1.5, 3.0)
+    w1 = t(0.0, 0.5, 1.0, 0.5, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, -3.0, 0.0, 0.0, 1.5, 3.0)  # -0.1 -> +0.0
+    b2 = b1 * 2  # bmax 12 -> scale 2
+    b3 = torch.full((16,), 1e-6)  # scale underflows E4M3 to 0 -> < 1e-5 -> 1 -> everything rounds to 0
+    b4 = torch.zeros(16)
+    b4[0] = 6.375  # bmax/6 = 1.0625 ties to E4M3 1.0 -> scale 1 -> 6.375 -> 6
+    x = torch.stack([torch.cat([b1, b2]), torch.cat([b3, b4])])
+    out = fake_nvfp4(x, torch.tensor(2688.0))  # global scale exactly 1
+    same(out[0], torch.cat([w1, w1 * 2]))
+    same(out[1], torch.cat([torch.zeros(16), t(6.0, *[0.0] * 15)]))
+
+
+def test_nvfp4_global_scale_and_partial_block():
+    x = torch.tensor([[6.0, 3.0, -1.0]])  # 3 columns: one block, zero padded
+    gs = torch.tensor(2688.0 / 16)       # global scale 1/16: 6/(6/16) = 16 in E4M3 -> scale 1
+    same(fake_nvfp4(x, gs), x)
+    same(fake_nvfp4(torch.zeros(2, 32), torch.tensor(0.0)), torch.zeros(2, 32))  # gs 0 -> 1e-12
+
+
+# ---- fold, conformance, idempotence --------------------------------------------------------------
+SPECS = [
+    lambda w: QuantSpec("fp8", w.float().abs().amax()),
+    lambda w: QuantSpec("fp8", w.float().abs().amax(dim=1, keepdim=True)),
+    lambda w: QuantSpec("int", w.float().abs().amax(), 8, False, False),
+    lambda w: QuantSpec("int", w.float().abs().amax(dim=1, keepdim=True), 8, False, True),
+    lambda w: QuantSpec("int", w.float().reshape(-1, 16).abs().amax(dim=1, keepdim=True), 4, False, True, 16),
+    lambda w: QuantSpec("nvfp4", w.float().abs().amax(), block_size=16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("make", SPECS)
+def test_refold_is_idempotent_and_conformant(dtype, make):
+    torch.manual_seed(1)
+    w = (torch.randn(32, 64) * 0.05).to(dtype)
+    spec = make(w)
+    f = fold(w, spec)
+    assert f.dtype == dtype and f.shape == w.shape
+    same(fold(f, spec), f)  # fold(fold(w)) == fold(w), bit for bit
+    assert off_grid_fraction(f, spec) == 0.0
+    assert off_grid_fraction(w, spec) > 0.5  # raw weights are mostly off any grid
+
+
+def test_fold_casts_back_through_float32():
+    w = torch.tensor([[1.0, 1.0625, 300.0]], dtype=torch.bfloat16)
+    same(fold(w, QuantSpec("fp8", torch.tensor(448.0))), torch.tensor([[1.0, 1.0, 288.0]], dtype=torch.bfloat16))
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises((ValueError, RuntimeError)):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError):
+            resolve_device("cuda:0")
+
+
+# ---- identity with nvidia-modelopt (test-only dependency; skipped where it is not installed) ----
+def _modelopt_quantizer(**attrs):
+    mq = pytest.importorskip("modelopt.torch.quantization")
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    del mq
+    return TensorQuantizer(QuantizerAttributeConfig(**attrs))
+
+
+def _edge_weights(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 128, generator=g) * 10 ** (torch.rand(1, generator=g).item() * 4 - 3)
+    w[0, :6] = t(0.0, -0.0, 1e-30, -1e-8, 2 ** -24, 2 ** -25)
+    w[1, :] = 0.0  # an all-zero channel (amax 0)
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("case", ["fp8", "fp8_axis", "int8", "int8_axis_narrow", "int4_block"])
+def test_bit_identical_to_modelopt_tensor_quantizer_on_cpu(dtype, case):
+    attrs = {"fp8": dict(num_bits=(4, 3)), "fp8_axis": dict(num_bits=(4, 3), axis=0),
+             "int8": dict(num_bits=8), "int8_axis_narrow": dict(num_bits=8, axis=0, narrow_range=True),
+             "int4_block": dict(num_bits=4, block_sizes={-1: 32, "type": "static"})}[case]
+    q = _modelopt_quantizer(**attrs)
+    for seed in range(4):
+        w = _edge_weights(dtype, seed)
+        x = w.float()
+        if case == "int4_block":
+            amax = x.reshape(-1, 32).abs().amax(dim=1, keepdim=True)
+            spec = QuantSpec("int", amax, 4, False, False, 32)
+        elif "axis" in case:
+            amax = x.abs().amax(dim=1, keepdim=True)
+            spec = QuantSpec("fp8", amax) if case.startswith("fp8") else QuantSpec("int", amax, 8, False, True)
+        else:
+            amax = x.abs().amax()
+            spec = QuantSpec("fp8", amax) if case == "fp8" else QuantSpec("int", amax, 8, False, False)
+        q.amax = amax
+        want = q(x).to(dtype)  # exactly the export's quantizer(w.float()).to(w.dtype)
+        # modelopt on CPU runs FP8 through _fp8_eager: fqcheck's variant 1 (variant 0 is its CUDA extension)
+        same(fold(w, spec, variant=1 if case.startswith("fp8") else 0), want)
+
+
+# ---- CUDA: the same bytes as the CPU, and as modelopt's own CUDA/Triton kernels -------------------
+def _all_specs(w):
+    x = w.float()
+    return [QuantSpec("fp8", x.abs().amax()), QuantSpec("fp8", x.abs().amax(1, keepdim=True)),
+            QuantSpec("int", x.abs().amax(), 8, False, False), QuantSpec("int", x.abs().amax(1, keepdim=True), 8, False, True),
+            QuantSpec("int", x.reshape(-1, 128).abs().amax(1, keepdim=True), 4, False, True, 128),
+            QuantSpec("nvfp4", x.abs().amax(), block_size=16)]
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_and_cpu_folds_are_bit_identical(dtype):
+    for seed in range(6):
+        w = _edge_weights(dtype, seed)
+        w[2, :8] = torch.tensor([NAN, math.inf, -math.inf, 1.0, -1.0, 3.0, 5e-3, 7.0]).to(dtype)
+        for spec in _all_specs(w.nan_to_num(0.0, 0.0, 0.0)):
+            same(fold(w, spec, "cuda"), fold(w, spec, "cpu"))
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_bit_identical_to_modelopt_kernels(dtype):
+    """modelopt on the GPU: FP8 and INT through its CUDA extension (or its eager fallback), NVFP4
+    through its Triton kernel fp4_fake_quant_block."""
+    tq = pytest.importorskip("modelopt.torch.quantization.tensor_quant")
+    attrs = [dict(num_bits=(4, 3)), dict(num_bits=(4, 3), axis=0), dict(num_bits=8), dict(num_bits=8, axis=0, narrow_range=True),
+             dict(num_bits=4, block_sizes={-1: 128, "type": "static"}),
+             dict(num_bits=(2, 1), block_sizes={-1: 16, "type": "dynamic", "scale_bits": (4, 3)})]
+    del tq
+    bad = {}
+    for seed in range(4):
+        w = _edge_weights(dtype, seed).cuda()
+        for a, spec in zip(attrs, _all_specs(w.cpu())):
+            q = _modelopt_quantizer(**a).cuda()
+            q.amax = spec.amax.reshape(-1, 1) if spec.block_size and spec.fmt == "int" else spec.amax
+            q.amax = q.amax.cuda()
+            want = q(w.float()).to(dtype).cpu()
+            n = differing(fold(w, spec, "cuda"), want)
+            if spec.fmt == "nvfp4":
+                # Triton's approximate fp32 division may round exact E2M1 ties either way: modelopt's
+                # output must still be on fqcheck's grid, and differ from variant 0 only at such ties
+                assert off_grid_count(want, spec, "cuda") == 0, (spec.name, seed)
+                assert n <= w.numel() // 500, (spec.name, seed, n)
+            elif n:
+                bad[f"{spec.name} seed {seed}"] = n
+    assert not bad, bad
