@@ -52,13 +52,19 @@ def levels_for(deep: bool = False, arch: bool = False) -> tuple[str, ...]:
 
 def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Sequence[str] | None = None,
          deep: bool = False, arch: bool = False, rules_dirs: Iterable[str | Path] = (),
-         device: str = "auto") -> Report:
-    """Lint a checkpoint directory (or one .safetensors/.bin file).
+         device: str = "auto", recover: bool = True) -> Report:
+    """Lint a checkpoint directory (or one .safetensors/.bin file). With `recover`, a fix that was
+    interrupted (journal or lock left in .fqcheck/) is first finished or rolled back.
 
     Raises CheckpointError for a path that is not a checkpoint, CatalogError for a bad user rule.
     """
     catalog = load_catalog(tuple(rules_dirs))
     rules = engine.select_rules(catalog, select, ignore, levels_for(deep, arch))
     ckpt = Checkpoint.open(path)
+    if recover and ckpt._only is None:
+        from .fix.journal import needs_recovery
+        if needs_recovery(ckpt.root):
+            from .fix.journal import recover_if_needed
+            recover_if_needed(ckpt.root)
     findings = engine.run(ckpt, rules, {"device": device})
     return Report(str(path), findings, [r.code for r in rules])
