@@ -146,6 +146,10 @@ class Lock:
             except FileNotFoundError:
                 pass
             self.held = False
+            try:
+                self.dir.rmdir()  # leave no trace on a checkpoint that needed nothing
+            except OSError:
+                pass
 
     def __enter__(self) -> "Lock":
         self.acquire()
@@ -329,6 +333,11 @@ def _finish(root: Path, j: dict) -> None:
         elif os.path.lexists(p):
             os.unlink(p)
     _drop_journal(root)
+    for sub in ("tx", "backup"):  # empty folders left by the stash or a consumed backup
+        try:
+            (root / BACKUP_DIR / sub).rmdir()
+        except OSError:
+            pass
 
 
 def _drop_journal(root: Path) -> None:
