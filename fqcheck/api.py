@@ -19,6 +19,7 @@ class Report:
     path: str
     findings: list[Finding] = field(default_factory=list)
     rules_run: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. an interrupted fix finished before linting
 
     def count(self, severity: str) -> int:
         return sum(f.severity == severity for f in self.findings)
@@ -61,10 +62,14 @@ def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Seque
     catalog = load_catalog(tuple(rules_dirs))
     rules = engine.select_rules(catalog, select, ignore, levels_for(deep, arch))
     ckpt = Checkpoint.open(path)
+    notes = []
     if recover and ckpt._only is None:
         from .fix.journal import needs_recovery
         if needs_recovery(ckpt.root):
             from .fix.journal import recover_if_needed
-            recover_if_needed(ckpt.root)
+            done = recover_if_needed(ckpt.root)
+            if done:
+                notes.append(done)
+                ckpt = Checkpoint.open(path)
     findings = engine.run(ckpt, rules, {"device": device})
-    return Report(str(path), findings, [r.code for r in rules])
+    return Report(str(path), findings, [r.code for r in rules], notes)

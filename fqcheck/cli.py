@@ -72,6 +72,8 @@ def lint(
         if os.environ.get("FQCHECK_DEBUG"):
             raise
         raise _fail(f"internal error: {e} (set FQCHECK_DEBUG=1 for a traceback)")
+    for note in report.notes:
+        typer.echo(f"fqcheck: note: {note}", err=True)
     color = output_file is None and sys.stdout.isatty()
     kw = {"color": color, "quiet": quiet, "statistics": statistics} if fmt == "text" else {}
     out = render(report, fmt, **kw)
