@@ -67,7 +67,10 @@ def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Seque
         from .fix.journal import needs_recovery
         if needs_recovery(ckpt.root):
             from .fix.journal import recover_if_needed
-            done = recover_if_needed(ckpt.root)
+            try:
+                done = recover_if_needed(ckpt.root)
+            except Exception as e:  # noqa: BLE001 - report it, still lint what is there
+                done = f"could not finish an interrupted fix: {e}"
             if done:
                 notes.append(done)
                 ckpt = Checkpoint.open(path)

@@ -113,6 +113,12 @@ class Lock:
             return {}
 
     def acquire(self) -> None:
+        try:
+            self._acquire()
+        except OSError as e:
+            raise FixError(f"{self.dir.parent}: cannot take the fix lock: {e.strerror or e}") from e
+
+    def _acquire(self) -> None:
         self.dir.mkdir(exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()),
               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -233,14 +239,19 @@ class Transaction:
         """Write the journal, apply it, mark it done. On an error before the journal is durable,
         everything is removed; after it, the journal is rolled back in-process (or by the next run)."""
         stash = self.root / self.stash
-        stash.mkdir(parents=True)
-        if self.keep:
-            manifest = {"label": self.label, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        "originals": [o["name"] for o in self.ops if o["existed"]],
-                        "created_files": [o["name"] for o in self.ops if not o["existed"]]}
-            write_durable(stash / MANIFEST, json.dumps(manifest, indent=2).encode())
-        fsync_dir(self.root)
-        write_durable(self.root / BACKUP_DIR / JOURNAL, json.dumps(self.journal("prepared")).encode())
+        try:
+            stash.mkdir(parents=True)
+            if self.keep:
+                manifest = {"label": self.label, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "originals": [o["name"] for o in self.ops if o["existed"]],
+                            "created_files": [o["name"] for o in self.ops if not o["existed"]]}
+                write_durable(stash / MANIFEST, json.dumps(manifest, indent=2).encode())
+            fsync_dir(self.root)
+            write_durable(self.root / BACKUP_DIR / JOURNAL, json.dumps(self.journal("prepared")).encode())
+        except OSError as e:  # the journal is not durable: nothing has been renamed yet
+            self.abort()
+            _drop_journal(self.root)
+            raise FixError(f"{self.root}: {e.strerror or e} while preparing; rolled back, nothing changed") from e
         fault("after-journal")
         try:
             forward(self.root, self.journal("prepared"))
@@ -262,6 +273,8 @@ class Transaction:
             except FileNotFoundError:
                 pass
         shutil.rmtree(self.root / self.stash, ignore_errors=True)
+        for p in (self.root / BACKUP_DIR).glob(f"*.tmp{os.getpid()}"):
+            p.unlink()
 
 
 def _forward_op(root: Path, stash: Path, op: dict) -> None:

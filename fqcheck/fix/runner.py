@@ -55,10 +55,17 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
     def relint():
         return lint(path, recover=False, **kw)
 
+    from .journal import needs_recovery
     if dry_run:
+        if needs_recovery(root):
+            raise FixError(f"{root}: an interrupted fix is pending; run `fqcheck fix` or `fqcheck lint` "
+                           "to finish it before planning")
         report = relint()
         return FixResult(str(path), make_plan(Checkpoint.open(path), report.findings, unsafe_fixes), dry_run=True)
     if output is not None:
+        if needs_recovery(root):  # finish the interrupted fix first: never copy a half-fixed dir
+            with Lock(root):
+                recover(root)
         report = relint()
         ckpt = Checkpoint.open(path)
         plan = make_plan(ckpt, report.findings, unsafe_fixes)
@@ -70,7 +77,10 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
         return res
 
     with Lock(root):
-        recovered = recover(root)
+        try:
+            recovered = recover(root)
+        except OSError as e:
+            raise FixError(f"{root}: cannot finish an interrupted fix: {e.strerror or e}") from e
         report = relint()
         ckpt = Checkpoint.open(path)
         plan = make_plan(ckpt, report.findings, unsafe_fixes)

@@ -19,8 +19,8 @@ _MODES = ("copy_file_range", "sendfile", "buffer")
 _mode = {"m": os.environ.get("FQCHECK_COPY", "copy_file_range")}
 
 
-class ShardWriteError(Exception):
-    pass
+class ShardWriteError(OSError):
+    """The rewrite went wrong (an OSError so that callers roll back as for a failed write)."""
 
 
 def raw_metadata(header: SafetensorsHeader):
