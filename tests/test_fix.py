@@ -306,3 +306,41 @@ def test_fix_is_cheap_to_import():
     code = "import fqcheck, fqcheck.fix.edits, sys; print(any(m.startswith(('torch', 'transformers')) for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False"
+
+
+def test_failure_during_commit_rolls_back(sharded_llama, tmp_path, monkeypatch):
+    from fqcheck.fix import journal
+    d = sharded_llama
+    damage(d)
+    before = state(d)
+    real, calls = journal.move, []
+
+    def flaky(src, dst):
+        calls.append(src)
+        if len(calls) == 4:  # two files already swapped in, then the disk says no
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+    monkeypatch.setattr(journal, "move", flaky)
+    with pytest.raises(FixError, match="No space left on device.*rolled back"):
+        fix(d, rules_dirs=[leak_rules(tmp_path / "rules")])
+    monkeypatch.setattr(journal, "move", real)
+    assert state(d) == before
+    assert not [n for n in os.listdir(d) if n.startswith(".fqcheck-tmp")]
+    assert not (d / BACKUP_DIR).exists()
+
+
+def test_single_file_path(tiny_llama):
+    p = tiny_llama / "model.safetensors"
+    before = state(tiny_llama)["model.safetensors"]
+    strip_metadata(p)
+    res = fix(p)
+    assert res.written == ["model.safetensors"] and res.remaining.findings == []
+    assert state(tiny_llama)["model.safetensors"] == before
+    loads_cleanly(tiny_llama)
+
+
+def test_restore_without_backup_is_a_clear_error(sharded_llama):
+    strip_metadata(sorted(sharded_llama.glob("*.safetensors"))[0])
+    fix(sharded_llama, backup=False)
+    out = run_cli("restore", sharded_llama)
+    assert out.returncode == 2 and out.stderr.startswith("fqcheck: ") and "no backup" in out.stderr

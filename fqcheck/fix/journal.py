@@ -233,37 +233,34 @@ class Transaction:
 
     def journal(self, state: str) -> dict:
         return {"version": 1, "label": self.label, "state": state, "stash": self.stash, "keep": self.keep,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "ops": self.ops, "cleanup": self.cleanup}
 
     def commit(self) -> None:
         """Write the journal, apply it, mark it done. On an error before the journal is durable,
         everything is removed; after it, the journal is rolled back in-process (or by the next run)."""
         stash = self.root / self.stash
+        j = self.journal("prepared")
         try:
             stash.mkdir(parents=True)
-            if self.keep:
-                manifest = {"label": self.label, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            "originals": [o["name"] for o in self.ops if o["existed"]],
-                            "created_files": [o["name"] for o in self.ops if not o["existed"]]}
-                write_durable(stash / MANIFEST, json.dumps(manifest, indent=2).encode())
             fsync_dir(self.root)
-            write_durable(self.root / BACKUP_DIR / JOURNAL, json.dumps(self.journal("prepared")).encode())
+            write_durable(self.root / BACKUP_DIR / JOURNAL, json.dumps(j).encode())
         except OSError as e:  # the journal is not durable: nothing has been renamed yet
             self.abort()
             _drop_journal(self.root)
             raise FixError(f"{self.root}: {e.strerror or e} while preparing; rolled back, nothing changed") from e
         fault("after-journal")
         try:
-            forward(self.root, self.journal("prepared"))
+            forward(self.root, j)
         except BaseException as e:
             try:
-                rollback(self.root, self.journal("prepared"))
+                rollback(self.root, j)
             except OSError:
                 pass  # the journal stays; the next run finishes the roll-back
             if isinstance(e, OSError):
                 raise FixError(f"{self.root}: {e.strerror or e} while committing; rolled back, nothing changed") from e
             raise
-        mark_done(self.root, self.journal("prepared"))
+        mark_done(self.root, j)
 
     def abort(self) -> None:
         """Before commit: remove the temp files and the stash; the directory is untouched."""
@@ -273,6 +270,7 @@ class Transaction:
             except FileNotFoundError:
                 pass
         shutil.rmtree(self.root / self.stash, ignore_errors=True)
+        _prune(self.root)
         for p in (self.root / BACKUP_DIR).glob(f"*.tmp{os.getpid()}"):
             p.unlink()
 
@@ -312,6 +310,11 @@ def forward(root: Path, j: dict) -> None:
     stash.mkdir(parents=True, exist_ok=True)
     for op in j["ops"]:
         _forward_op(root, stash, op)
+    if j.get("keep"):  # the backup is restorable only once complete: its manifest comes last
+        manifest = {"label": j.get("label"), "created": j.get("created"),
+                    "originals": [o["name"] for o in j["ops"] if o["existed"]],
+                    "created_files": [o["name"] for o in j["ops"] if not o["existed"]]}
+        write_durable(stash / MANIFEST, json.dumps(manifest, indent=2).encode())
     fsync_dir(root)
     fsync_dir(stash)
 
@@ -334,6 +337,7 @@ def rollback(root: Path, j: dict) -> None:
             os.unlink(root / inc)
     shutil.rmtree(stash, ignore_errors=True)
     _drop_journal(root)
+    _prune(root)
 
 
 def _finish(root: Path, j: dict) -> None:
@@ -346,6 +350,10 @@ def _finish(root: Path, j: dict) -> None:
         elif os.path.lexists(p):
             os.unlink(p)
     _drop_journal(root)
+    _prune(root)
+
+
+def _prune(root: Path) -> None:
     for sub in ("tx", "backup"):  # empty folders left by the stash or a consumed backup
         try:
             (root / BACKUP_DIR / sub).rmdir()
@@ -402,6 +410,7 @@ def recover(root: Path, prefer: str = "auto") -> str | None:
     if tx.is_dir():
         shutil.rmtree(tx, ignore_errors=True)
     _drop_unfinished_backups(root)
+    _prune(root)
     return what
 
 
