@@ -128,3 +128,13 @@ def test_write_failure_in_output_mode(world, tmp_path):
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if "fqcheck-tmp" in p.name]
     assert assert_old_or_new(d, world) == "old"
+
+
+@pytest.mark.parametrize("point", ["after-rename:1", "after-rename:3", "before-journal-commit"])
+def test_kill_during_restore(world, tmp_path, point):
+    d = fresh(world, tmp_path)
+    assert run_cli("fix", d, "--rules", world[1]).returncode == 0
+    out = run_cli("restore", d, env={"FQCHECK_FAULT": point})
+    assert out.returncode == -signal.SIGKILL
+    run_cli("lint", d)
+    assert assert_old_or_new(d, world) == "old"  # the restore's journal is rolled forward
