@@ -344,3 +344,26 @@ def test_restore_without_backup_is_a_clear_error(sharded_llama):
     fix(sharded_llama, backup=False)
     out = run_cli("restore", sharded_llama)
     assert out.returncode == 2 and out.stderr.startswith("fqcheck: ") and "no backup" in out.stderr
+
+
+def test_failing_producer_rolls_back(tiny_llama):
+    d = tiny_llama
+    strip_metadata(d / "model.safetensors")
+    ckpt = Checkpoint.open(d)
+    before = files_stat(d)
+
+    def boom(raw):
+        raise RuntimeError("CUDA error: out of memory")
+    t = "model.layers.0.mlp.up_proj.weight"
+    findings = [Finding("Y", "error", "refold", "model.safetensors", t, "safe", E.ReplaceTensor("model.safetensors", t, boom))]
+    plan = make_plan(ckpt, findings)
+    from fqcheck.fix.journal import Transaction
+    from fqcheck.fix.runner import _write_new_files
+    tx = Transaction(d)
+    with pytest.raises(OSError, match="computing the new data failed: RuntimeError: CUDA error"):
+        try:
+            _write_new_files(ckpt, plan, tx.new_file, tx.finish_file, tx.write_file)
+        except BaseException:
+            tx.abort()
+            raise
+    assert files_stat(d) == before and sorted(os.listdir(d)) == sorted(before)

@@ -88,14 +88,19 @@ def write_shard(header: SafetensorsHeader, dst_fd: int, drop: set[str],
 
 
 def _write_replaced(header, sfd, dst_fd, entry, dst_off, producer) -> None:
-    import mmap
-    start = header.data_start + entry.begin
-    if entry.nbytes:
-        with mmap.mmap(sfd, 0, access=mmap.ACCESS_READ) as mm:
-            with memoryview(mm) as mv:
-                new = producer(mv[start:start + entry.nbytes])
-    else:
-        new = producer(memoryview(b""))
+    # the producer gets its own copy of the tensor's bytes (it may keep or reinterpret them);
+    # memory: one tensor, as the design allows
+    raw = bytearray(entry.nbytes)
+    view, off = memoryview(raw), header.data_start + entry.begin
+    while view:
+        k = os.preadv(sfd, [view], off)
+        if k == 0:
+            raise ShardWriteError(f"{entry.name}: source file ended early")
+        view, off = view[k:], off + k
+    try:
+        new = producer(memoryview(raw))
+    except Exception as e:  # noqa: BLE001 - e.g. a re-fold failing: roll back with one line
+        raise ShardWriteError(f"{entry.name}: computing the new data failed: {type(e).__name__}: {e}") from e
     if len(new) != entry.nbytes:
         raise ShardWriteError(f"{entry.name}: replacement is {len(new)} bytes, expected {entry.nbytes}")
     _write_all(dst_fd, new, dst_off)
