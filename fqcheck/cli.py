@@ -163,8 +163,13 @@ def fix(
              (f"wrote a repaired copy to {res.output}:" if res.output else "fixed:"))
         for line in plan.describe():
             echo(f"  {line}")
-        for f in plan.applied:
-            echo(f"  [{f.code}] {f.file or ''}{':' + f.tensor if f.tensor else ''} {f.message}")
+        if len(plan.applied) <= 20:
+            for f in plan.applied:
+                echo(f"  [{f.code}] {f.file or ''}{':' + f.tensor if f.tensor else ''} {f.message}")
+        else:
+            from collections import Counter
+            for code, n in sorted(Counter(f.code for f in plan.applied).items()):
+                echo(f"  [{code}] {n} finding(s)")
         if res.backup:
             echo(f"originals kept in {path / res.backup}; undo with `fqcheck restore {path}`")
     for f in plan.skipped:
@@ -178,7 +183,7 @@ def fix(
         echo("remaining:")
         sys.stdout.write(render(rem, "text", color=False, quiet=False, statistics=False))
     else:
-        echo("no findings remain")
+        echo("no findings remain" + (" (among the selected rules)" if select or ignore else ""))
     raise typer.Exit(EXIT_CLEAN if rem.ok else EXIT_FINDINGS)
 
 

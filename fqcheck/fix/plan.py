@@ -51,9 +51,9 @@ class Plan:
             s = self.shards[name]
             what = []
             if s.drop:
-                what.append(f"drop {len(s.drop)} tensor(s): {', '.join(sorted(s.drop))}")
+                what.append(f"drop {len(s.drop)} tensor(s): {_names(s.drop)}")
             if s.replace:
-                what.append(f"replace {len(s.replace)} tensor(s): {', '.join(sorted(s.replace))}")
+                what.append(f"replace {len(s.replace)} tensor(s): {_names(s.replace)}")
             if s.metadata_changed:
                 what.append(f"set __metadata__ = {json.dumps(s.metadata)}")
             lines.append(f"{name}: rewrite ({s.new_size:,} bytes): " + "; ".join(what))
@@ -64,8 +64,10 @@ class Plan:
         return lines
 
 
-def _edit_file(edit) -> str | None:
-    return getattr(edit, "file", None)
+def _names(names, limit: int = 5) -> str:
+    names = sorted(names)
+    more = f", ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def make_plan(ckpt: Checkpoint, findings, unsafe: bool = False) -> Plan:
@@ -157,9 +159,9 @@ def _plan_json(ckpt, plan, drops, retire, rebuild, json_drops, headers) -> None:
             after = set(new["weight_map"])
             what = ["create" if index is None else "rebuild"]
             if before - after:
-                what.append(f"remove {len(before - after)} entr(ies): {', '.join(sorted(before - after))}")
+                what.append(f"remove {len(before - after)} entr(ies): {_names(before - after)}")
             if after - before and old:
-                what.append(f"add {len(after - before)} entr(ies): {', '.join(sorted(after - before))}")
+                what.append(f"add {len(after - before)} entr(ies): {_names(after - before)}")
             what.append(f"total_size = {new['metadata']['total_size']}")
             plan.json_changes[INDEX_NAME] = what
     for fname, keys in json_drops.items():
