@@ -367,3 +367,18 @@ def test_failing_producer_rolls_back(tiny_llama):
             tx.abort()
             raise
     assert files_stat(d) == before and sorted(os.listdir(d)) == sorted(before)
+
+
+def test_planner_refuses_to_lose_last_copy(sharded_llama):
+    d = sharded_llama
+    shards = sorted(d.glob("*.safetensors"))
+    stale = d / "model-00001-of-00002.safetensors"
+    shutil.copy(shards[0], stale)  # an earlier export's shard holding the same tensors
+    ckpt = Checkpoint.open(d)
+    t = next(iter(ckpt.header(shards[0].name).tensors))
+    bad = [Finding("A", "error", "dup", shards[0].name, t, "safe", E.DropTensor(shards[0].name, t)),
+           Finding("B", "error", "stale", stale.name, None, "safe", E.RetireFile(stale.name))]
+    with pytest.raises(FixRefused, match="would be lost"):
+        make_plan(ckpt, bad)
+    good = [Finding("A", "error", "dup", stale.name, t, "safe", E.DropTensor(stale.name, t)), bad[1]]
+    assert make_plan(ckpt, good).retire == [stale.name]

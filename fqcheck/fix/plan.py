@@ -128,8 +128,23 @@ def make_plan(ckpt: Checkpoint, findings, unsafe: bool = False) -> Plan:
         sp.new_size = planned_size(h, drop, meta)
         plan.shards[fname] = sp
 
+    _check_no_tensor_lost(ckpt, drops, retire, headers)
     _plan_json(ckpt, plan, drops, retire, rebuild, json_drops, headers)
     return plan
+
+
+def _check_no_tensor_lost(ckpt, drops, retire, headers) -> None:
+    """A tensor may leave the checkpoint only when every copy of it was dropped on purpose; one whose
+    last copy would go with a retired file (e.g. a duplicate dropped from the live shard while the
+    stale shard holding the other copy is retired) makes the plan unsafe."""
+    for name, files in ckpt.tensor_files.items():
+        kept = [f for f in files if f not in retire and name not in drops.get(f, ())]
+        if kept:
+            continue
+        if any(f in retire for f in files) and any(name in drops.get(f, ()) for f in files):
+            raise FixRefused(f"refusing to fix: {name} would be lost (dropped from "
+                             f"{', '.join(f for f in files if name in drops.get(f, ()))} while its other copy "
+                             f"goes with the retired {', '.join(f for f in files if f in retire)}); nothing was changed")
 
 
 def _str_entries(meta) -> dict:
