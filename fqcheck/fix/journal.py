@@ -436,8 +436,8 @@ def recover_if_needed(root: Path) -> str | None:
     lock = Lock(root)
     try:
         lock.acquire()
-    except (FixError, OSError):
-        return None  # a live fix holds it, or the directory is read-only
+    except FixError as e:  # a live fix holds it, or the directory is read-only
+        return f"did not check for an interrupted fix: {e}"
     try:
         return recover(root)
     finally:
