@@ -56,7 +56,7 @@ def test_leak_dropped_from_shard_and_index(sharded_llama, tmp_path):
     leaked = damage(d)
     rules = leak_rules(tmp_path / "rules")
     res = fix(d, rules_dirs=[rules])
-    assert {f.code for f in res.applied} == {"USR900", "USR901", "SFT006"}
+    assert {f.code for f in res.applied} >= {"USR900", "USR901", "SFT006"}  # built-in rules may join
     assert res.remaining.findings == []
     after = state(d)
     new_cfg = json.loads(after.pop("config.json"))
