@@ -88,3 +88,19 @@ def test_auto_map_with_missing_code_dropped(sharded_llama):
     assert out.returncode == 0, out.stdout + out.stderr
     assert read_config(d) == clean
     loads_cleanly(d)
+
+
+@needs("QNT001", "QNT002")
+def test_deep_fix_refolds_and_drops_leak_in_one_pass(tmp_path):
+    fqbuild = pytest.importorskip("fqbuild")
+    raw = "model.layers.1.mlp.down_proj.weight"
+    d = fqbuild.fq_export(tmp_path / "x", unfolded={raw}, shards=3)
+    before = tensors(state(d))
+    res = fix(d, deep=True, device="cpu")
+    assert {"QNT001", "QNT002"} <= {f.code for f in res.applied}
+    assert res.remaining.findings == []
+    after = tensors(state(d))
+    assert set(before) - set(after) == {k for k in before if k.endswith("_quantizer._amax")}
+    changed = {k for k in after if after[k] != before[k]}
+    assert changed == {raw}  # only the re-folded weight changed; everything else byte-identical
+    loads_cleanly(d)
