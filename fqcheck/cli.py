@@ -130,6 +130,7 @@ def fix(
     select: Optional[List[str]] = typer.Option(None, "--select", help="Codes or prefixes to fix."),
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Codes or prefixes to leave alone."),
     deep: bool = typer.Option(False, "--deep", help="Also run the data-reading checks and the re-fold."),
+    device: str = typer.Option("auto", "--device", help="Where --deep runs: auto, cpu or cuda:N."),
     rules: Optional[List[Path]] = typer.Option(None, "--rules", help="Extra folder of declarative rules."),
 ) -> None:
     """Repair what can be repaired, crash-safely. Exit 0 when no error remains, 1 when findings
@@ -142,7 +143,7 @@ def fix(
     try:
         res = run_fix(path, unsafe_fixes=unsafe_fixes, dry_run=dry_run, output=output,
                       backup=not no_backup, select=_split(select), ignore=_split(ignore), deep=deep,
-                      rules_dirs=rules or ())
+                      rules_dirs=rules or (), device=device)
     except FixRefused as e:
         typer.echo(f"fqcheck: {e}", err=True)
         raise typer.Exit(EXIT_ERROR)
