@@ -382,3 +382,15 @@ def test_planner_refuses_to_lose_last_copy(sharded_llama):
         make_plan(ckpt, bad)
     good = [Finding("A", "error", "dup", stale.name, t, "safe", E.DropTensor(stale.name, t)), bad[1]]
     assert make_plan(ckpt, good).retire == [stale.name]
+
+
+def test_output_from_hf_cache_holds_real_files(sharded_llama, tmp_path):
+    strip_metadata(sorted(sharded_llama.glob("*.safetensors"))[0])
+    repo, (rev1, _) = hf_cache(tmp_path, sharded_llama)
+    blobs_before = files_stat(repo / "blobs")
+    out = tmp_path / "copy"
+    res = fix(rev1, output=out)
+    assert res.remaining.findings == [] and files_stat(repo / "blobs") == blobs_before
+    assert all((rev1 / n).is_symlink() for n in os.listdir(rev1))
+    assert not any((out / n).is_symlink() for n in os.listdir(out))
+    loads_cleanly(out)
