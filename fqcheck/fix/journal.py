@@ -195,6 +195,8 @@ class Transaction:
         self.cleanup: list[str] = []  # paths removed once committed (restore drops the used backup)
         self.label = label
         self.temps: list[Path] = []
+        self._syncs: list = []  # pending fsyncs: they overlap the writing of the next file
+        self._pool = None
 
     def new_file(self, name: str) -> tuple[int, str]:
         """Open a fresh temp file that will replace (or create) `name`; returns (fd, temp name)."""
@@ -206,12 +208,26 @@ class Transaction:
         return fd, tmp
 
     def finish_file(self, fd: int) -> None:
+        """Hand a written temp file to the background fsync (done before the journal is written)."""
         fault("after-temp-write")
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fault("after-fsync")
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fqcheck-fsync")
+        self._syncs.append(self._pool.submit(_fsync_close, fd))
+
+    def _wait_syncs(self) -> None:
+        syncs, self._syncs = self._syncs, []
+        error = None
+        for f in syncs:
+            try:
+                f.result()
+            except OSError as e:
+                error = error or e
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        if error is not None:
+            raise error
 
     def write_file(self, name: str, data: bytes) -> None:
         fd, _ = self.new_file(name)
@@ -242,6 +258,7 @@ class Transaction:
         stash = self.root / self.stash
         j = self.journal("prepared")
         try:
+            self._wait_syncs()  # every new file is durable before the journal names it
             stash.mkdir(parents=True)
             fsync_dir(self.root)
             write_durable(self.root / BACKUP_DIR / JOURNAL, json.dumps(j).encode())
@@ -264,6 +281,10 @@ class Transaction:
 
     def abort(self) -> None:
         """Before commit: remove the temp files and the stash; the directory is untouched."""
+        try:
+            self._wait_syncs()
+        except OSError:
+            pass
         for p in self.temps:
             try:
                 os.unlink(p)
@@ -273,6 +294,14 @@ class Transaction:
         _prune(self.root)
         for p in (self.root / BACKUP_DIR).glob(f"*.tmp{os.getpid()}"):
             p.unlink()
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fault("after-fsync")
 
 
 def _forward_op(root: Path, stash: Path, op: dict) -> None:
