@@ -8,4 +8,7 @@ def lint(path, **kwargs):
     return _lint(path, **kwargs)
 
 
-__all__ = ["lint", "__version__"]
+from . import fix  # noqa: E402 - a callable package, cheap to import: fqcheck.fix(path, ...) -> FixResult
+
+
+__all__ = ["lint", "fix", "__version__"]

@@ -19,6 +19,7 @@ class Report:
     path: str
     findings: list[Finding] = field(default_factory=list)
     rules_run: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. an interrupted fix finished before linting
 
     def count(self, severity: str) -> int:
         return sum(f.severity == severity for f in self.findings)
@@ -52,14 +53,27 @@ def levels_for(deep: bool = False, arch: bool = False) -> tuple[str, ...]:
 
 def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Sequence[str] | None = None,
          deep: bool = False, arch: bool = False, rules_dirs: Iterable[str | Path] = (),
-         device: str = "auto", quiet: bool = False) -> Report:
-    """Lint a checkpoint directory (or one .safetensors/.bin file).
+         device: str = "auto", quiet: bool = False, recover: bool = True) -> Report:
+    """Lint a checkpoint directory (or one .safetensors/.bin file). With `recover`, a fix that was
+    interrupted (journal or lock left in .fqcheck/) is first finished or rolled back.
 
     Raises CheckpointError for a path that is not a checkpoint, CatalogError for a bad user rule.
     """
     catalog = load_catalog(tuple(rules_dirs))
     rules = engine.select_rules(catalog, select, ignore, levels_for(deep, arch))
     ckpt = Checkpoint.open(path)
+    notes = []
+    if recover and ckpt._only is None:
+        from .fix.journal import needs_recovery
+        if needs_recovery(ckpt.root):
+            from .fix.journal import recover_if_needed
+            try:
+                done = recover_if_needed(ckpt.root)
+            except Exception as e:  # noqa: BLE001 - report it, still lint what is there
+                done = f"could not finish an interrupted fix: {e}"
+            if done:
+                notes.append(done)
+                ckpt = Checkpoint.open(path)
     # quiet: no progress bar on stderr (deep pass); deep: lets a header rule add its deep half.
     findings = engine.run(ckpt, rules, {"device": device, "deep": deep, "quiet": quiet})
-    return Report(str(path), findings, [r.code for r in rules])
+    return Report(str(path), findings, [r.code for r in rules], notes)

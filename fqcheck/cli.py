@@ -76,6 +76,8 @@ def lint(
         if os.environ.get("FQCHECK_DEBUG"):
             raise
         raise _fail(f"internal error: {e} (set FQCHECK_DEBUG=1 for a traceback)")
+    for note in report.notes:
+        typer.echo(f"fqcheck: note: {note}", err=True)
     color = output_file is None and sys.stdout.isatty()
     kw = {"color": color, "quiet": quiet, "statistics": statistics} if fmt == "text" else {}
     out = render(report, fmt, **kw)
@@ -138,6 +140,87 @@ def explain(code: str = typer.Argument(..., help="A rule code, e.g. QNT001.")) -
     if rule.fix_description:
         lines += ["", "What the fix does", rule.fix_description]
     typer.echo("\n".join(lines))
+
+
+@app.command()
+def fix(
+    path: Path = typer.Argument(..., help="Checkpoint directory (or one .safetensors file)."),
+    unsafe_fixes: bool = typer.Option(False, "--unsafe-fixes", help="Also apply fixes that change behaviour."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; change nothing."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write a repaired copy here; leave PATH untouched."),
+    no_backup: bool = typer.Option(False, "--no-backup", help="Do not keep the originals in .fqcheck/backup/."),
+    select: Optional[List[str]] = typer.Option(None, "--select", help="Codes or prefixes to fix."),
+    ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Codes or prefixes to leave alone."),
+    deep: bool = typer.Option(False, "--deep", help="Also run the data-reading checks and the re-fold."),
+    device: str = typer.Option("auto", "--device", help="Where --deep runs: auto, cpu or cuda:N."),
+    rules: Optional[List[Path]] = typer.Option(None, "--rules", help="Extra folder of declarative rules."),
+) -> None:
+    """Repair what can be repaired, crash-safely. Exit 0 when no error remains, 1 when findings
+    remain, 2 when refused (unfixable errors; nothing changed) or on usage/internal errors."""
+    from .catalog import CatalogError
+    from .checkpoint import CheckpointError
+    from .engine import CheckCrashed
+    from .fix.runner import FixError, FixRefused, fix as run_fix
+
+    try:
+        res = run_fix(path, unsafe_fixes=unsafe_fixes, dry_run=dry_run, output=output,
+                      backup=not no_backup, select=_split(select), ignore=_split(ignore), deep=deep,
+                      rules_dirs=rules or (), device=device)
+    except FixRefused as e:
+        typer.echo(f"fqcheck: {e}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    except (FixError, CheckpointError, CatalogError) as e:
+        raise _fail(str(e))
+    except CheckCrashed as e:
+        if os.environ.get("FQCHECK_DEBUG"):
+            raise
+        raise _fail(f"internal error: {e} (set FQCHECK_DEBUG=1 for a traceback)")
+    echo = typer.echo
+    if res.recovered:
+        echo(f"note: {res.recovered}")
+    plan = res.plan
+    if plan.empty:
+        echo("nothing to fix")
+    else:
+        echo("plan (dry run, nothing changed):" if dry_run else
+             (f"wrote a repaired copy to {res.output}:" if res.output else "fixed:"))
+        for line in plan.describe():
+            echo(f"  {line}")
+        if len(plan.applied) <= 20:
+            for f in plan.applied:
+                echo(f"  [{f.code}] {f.file or ''}{':' + f.tensor if f.tensor else ''} {f.message}")
+        else:
+            from collections import Counter
+            for code, n in sorted(Counter(f.code for f in plan.applied).items()):
+                echo(f"  [{code}] {n} finding(s)")
+        if res.backup:
+            echo(f"originals kept in {path / res.backup}; undo with `fqcheck restore {path}`")
+    for f in plan.skipped:
+        why = "needs --unsafe-fixes" if f.fixable == "unsafe" else "no automatic edit"
+        echo(f"  skipped [{f.code}] {f.file or ''}{':' + f.tensor if f.tensor else ''} ({why})")
+    if dry_run:
+        raise typer.Exit(EXIT_CLEAN if plan.empty else EXIT_FINDINGS)
+    rem = res.remaining
+    if rem.findings:
+        from .report import render
+        echo("remaining:")
+        sys.stdout.write(render(rem, "text", color=False, quiet=False, statistics=False))
+    else:
+        echo("no findings remain" + (" (among the selected rules)" if select or ignore else ""))
+    raise typer.Exit(EXIT_CLEAN if rem.ok else EXIT_FINDINGS)
+
+
+@app.command()
+def restore(path: Path = typer.Argument(..., help="Checkpoint directory fixed in place earlier.")) -> None:
+    """Undo the last in-place fix: put the originals from .fqcheck/backup/ back."""
+    from .checkpoint import CheckpointError
+    from .fix.runner import FixError, restore as run_restore
+
+    try:
+        backup, names = run_restore(path)
+    except (FixError, CheckpointError) as e:
+        raise _fail(str(e))
+    typer.echo(f"restored {len(names)} file(s) from {backup}: {', '.join(names)}")
 
 
 def main() -> None:

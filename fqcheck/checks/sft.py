@@ -1,11 +1,13 @@
 """SFT: the safetensors files themselves, as the strict header reader sees them."""
 from __future__ import annotations
 
+import json
 from typing import Iterator
 
 from ..checkpoint import Checkpoint
 from ..checkpoint import safetensors as st
 from ..engine import Hit, check
+from ..fix.edits import SetMetadata
 
 
 def _problems(ckpt: Checkpoint, kind: str) -> Iterator[Hit]:
@@ -42,4 +44,24 @@ def duplicate_name(ckpt: Checkpoint) -> Iterator[Hit]:
 
 @check("SFT006")
 def bad_metadata(ckpt: Checkpoint) -> Iterator[Hit]:
-    return _problems(ckpt, st.METADATA)
+    for fname, h in ckpt.headers().items():
+        for p in h.problems:
+            if p.kind == st.METADATA:
+                yield Hit(p.message, file=fname, tensor=p.tensor,
+                          fix=SetMetadata(fname, tuple(sorted({**_str_entries(h), "format": "pt"}.items()))))
+
+
+def _str_entries(h: st.SafetensorsHeader) -> dict:
+    """The string entries of the stored __metadata__ (kept by the fix), re-read when the strict
+    reader rejected the whole map."""
+    meta = h.metadata
+    if meta is None:
+        try:
+            with open(h.path, "rb") as f:
+                f.seek(8)
+                meta = json.loads(f.read(h.data_start - 8).decode("utf-8")).get("__metadata__")
+        except (OSError, ValueError, AttributeError):
+            meta = None
+    if not isinstance(meta, dict):
+        return {}
+    return {k: v for k, v in meta.items() if isinstance(v, str)}

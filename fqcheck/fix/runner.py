@@ -1,0 +1,177 @@
+"""fqcheck.fix(): lint, plan, write crash-safely (in place or into --output), re-lint."""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from ..checkpoint import BACKUP_DIR, Checkpoint, CheckpointError
+from .journal import FixError, Lock, Transaction, fsync_dir, recover
+from .plan import FixRefused, Plan, make_plan
+from .shard import write_shard
+
+
+@dataclass
+class FixResult:
+    path: str
+    plan: Plan
+    dry_run: bool = False
+    output: str | None = None
+    written: list[str] = field(default_factory=list)   # files rewritten or created
+    retired: list[str] = field(default_factory=list)
+    backup: str | None = None                          # backup folder (relative to the checkpoint)
+    recovered: str | None = None                       # what an interrupted earlier fix needed
+    remaining: object = None                           # the Report of the re-lint (None for dry runs)
+
+    @property
+    def applied(self) -> list:
+        """Findings whose edits were applied (planned, for a dry run)."""
+        return self.plan.applied
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.written or self.retired)
+
+    @property
+    def ok(self) -> bool:
+        return self.remaining is None or self.remaining.ok
+
+
+def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = False,
+        output: str | os.PathLike | None = None, backup: bool = True,
+        select: Sequence[str] | None = None, ignore: Sequence[str] | None = None, deep: bool = False,
+        rules_dirs: Iterable[str | os.PathLike] = (), device: str = "auto") -> FixResult:
+    """Repair a checkpoint. Raises FixRefused (unfixable errors; nothing changed), FixError (I/O
+    failure, rolled back; or locked), CheckpointError (not a checkpoint)."""
+    from ..api import lint
+
+    ckpt = Checkpoint.open(path)
+    root = ckpt.root
+    kw = dict(select=select, ignore=ignore, deep=deep, rules_dirs=tuple(rules_dirs), device=device)
+
+    def relint():
+        return lint(path, recover=False, **kw)
+
+    from .journal import needs_recovery
+    if dry_run:
+        if needs_recovery(root):
+            raise FixError(f"{root}: an interrupted fix is pending; run `fqcheck fix` or `fqcheck lint` "
+                           "to finish it before planning")
+        report = relint()
+        return FixResult(str(path), make_plan(Checkpoint.open(path), report.findings, unsafe_fixes), dry_run=True)
+    if output is not None:
+        if needs_recovery(root):  # finish the interrupted fix first: never copy a half-fixed dir
+            with Lock(root):
+                recover(root)
+        report = relint()
+        ckpt = Checkpoint.open(path)
+        plan = make_plan(ckpt, report.findings, unsafe_fixes)
+        out = Path(output)
+        res = FixResult(str(path), plan, output=str(out))
+        res.written = _write_copy(ckpt, plan, out)
+        res.retired = list(plan.retire)
+        res.remaining = lint(out, recover=False, **kw)
+        return res
+
+    with Lock(root):
+        try:
+            recovered = recover(root)
+        except OSError as e:
+            raise FixError(f"{root}: cannot finish an interrupted fix: {e.strerror or e}") from e
+        report = relint()
+        ckpt = Checkpoint.open(path)
+        plan = make_plan(ckpt, report.findings, unsafe_fixes)
+        res = FixResult(str(path), plan, recovered=recovered)
+        if not plan.empty:
+            tx = Transaction(root, keep=backup)
+            try:
+                _write_new_files(ckpt, plan, tx.new_file, tx.finish_file, tx.write_file)
+                for name in plan.retire:
+                    tx.retire(name)
+            except BaseException as e:
+                tx.abort()
+                if isinstance(e, OSError):
+                    raise FixError(f"{e.filename or root}: {e.strerror or e}; rolled back, nothing changed") from e
+                raise
+            tx.commit()
+            res.written = plan.files_written()
+            res.retired = list(plan.retire)
+            res.backup = tx.stash if backup else None
+        res.remaining = relint()
+        return res
+
+
+def _write_new_files(ckpt, plan: Plan, new_file, finish_file, write_file) -> None:
+    for name in sorted(plan.shards):
+        sp = plan.shards[name]
+        fd, _ = new_file(name)
+        try:
+            os.fchmod(fd, stat.S_IMODE(os.stat(ckpt.path(name)).st_mode))  # keep the original's mode
+            write_shard(ckpt.header(name), fd, sp.drop, sp.replace, sp.metadata)
+        except BaseException:
+            os.close(fd)
+            raise
+        finish_file(fd)
+    for name in sorted(plan.json_files):
+        write_file(name, plan.json_files[name])
+
+
+def _write_copy(ckpt, plan: Plan, out: Path) -> list[str]:
+    """--output: build the repaired copy in a sibling temp folder, then rename it into place."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FixError(f"{out}: --output must be a new or empty directory")
+    if out.resolve() == ckpt.root.resolve():
+        raise FixError("--output must differ from the checkpoint directory")
+    tmp = out.with_name(f".{out.name}.fqcheck-tmp.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        def new_file(name):
+            return os.open(tmp / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644), name
+
+        def finish_file(fd):
+            os.fsync(fd)
+            os.close(fd)
+
+        def write_file(name, data):
+            fd, _ = new_file(name)
+            os.write(fd, data)
+            finish_file(fd)
+
+        _write_new_files(ckpt, plan, new_file, finish_file, write_file)
+        from .shard import copy_range
+        skip = set(plan.files_written()) | set(plan.retire)
+        for name in ckpt.names:
+            if name in skip:
+                continue
+            with open(ckpt.path(name), "rb") as src:  # follows links: the copy holds real files
+                fd, _ = new_file(name)
+                try:
+                    copy_range(src.fileno(), fd, 0, 0, os.fstat(src.fileno()).st_size)
+                finally:
+                    os.fsync(fd)
+                    os.close(fd)
+        fsync_dir(tmp)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise FixError(f"{e.filename or out}: {e.strerror or e}; no output written") from e
+        raise
+    return plan.files_written()
+
+
+def restore(path: str | os.PathLike) -> tuple[str, list[str]]:
+    from .journal import restore as _restore
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    return _restore(p)
+
+
+__all__ = ["fix", "restore", "FixResult", "FixRefused", "FixError", "BACKUP_DIR"]

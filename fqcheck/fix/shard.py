@@ -1,0 +1,138 @@
+"""Rewrite one safetensors file: new header, untouched tensors copied as byte ranges, replaced
+tensors written from their producer. Memory is bounded by the copy buffer (plus a replaced tensor)."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Callable
+
+from ..checkpoint.safetensors import MAX_HEADER_SIZE, SafetensorsHeader
+
+CHUNK = 1 << 30        # bytes per copy_file_range/sendfile call
+BUFFER = 8 << 20       # bytes per read in the buffered fallback
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP,
+                    errno.EBADF, errno.EPERM}
+_MODES = ("copy_file_range", "sendfile", "buffer")
+_mode = {"m": os.environ.get("FQCHECK_COPY", "copy_file_range")}
+
+
+class ShardWriteError(OSError):
+    """The rewrite went wrong (an OSError so that callers roll back as for a failed write)."""
+
+
+def raw_metadata(header: SafetensorsHeader):
+    """The header's `__metadata__` exactly as stored (None when absent), re-read from the file."""
+    with open(header.path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_SIZE:
+            raise ShardWriteError(f"{header.path.name}: header too large")
+        obj = json.loads(f.read(n).decode("utf-8"))
+    return obj.get("__metadata__") if isinstance(obj, dict) else None
+
+
+def new_header(header: SafetensorsHeader, drop: set[str], metadata) -> tuple[bytes, list]:
+    """Serialise the kept entries in their original data order with contiguous offsets, like the
+    reference writer: compact JSON, `__metadata__` first, padded with spaces to 8 bytes.
+    Returns (prefix+header bytes, [(entry, new_begin)])."""
+    kept = sorted((e for e in header.tensors.values() if e.name not in drop), key=lambda e: e.begin)
+    obj: dict = {}
+    if metadata is not None:
+        obj["__metadata__"] = metadata
+    layout, pos = [], 0
+    for e in kept:
+        obj[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
+        layout.append((e, pos))
+        pos += e.nbytes
+    blob = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, layout
+
+
+def planned_size(header: SafetensorsHeader, drop: set[str], metadata) -> int:
+    head, layout = new_header(header, drop, metadata)
+    return len(head) + sum(e.nbytes for e, _ in layout)
+
+
+def write_shard(header: SafetensorsHeader, dst_fd: int, drop: set[str],
+                replace: dict[str, Callable[[memoryview], bytes]], metadata) -> int:
+    """Write the new file into dst_fd (an empty file); returns its size."""
+    head, layout = new_header(header, drop, metadata)
+    _write_all(dst_fd, head, 0)
+    base = len(head)
+    with open(header.path, "rb") as src:
+        sfd = src.fileno()
+        run = None  # [src_off, dst_off, n]: untouched tensors contiguous in both files, copied at once
+        for e, new_begin in layout:
+            if e.name in replace:
+                if run:
+                    copy_range(sfd, dst_fd, *run)
+                    run = None
+                _write_replaced(header, sfd, dst_fd, e, base + new_begin, replace[e.name])
+                continue
+            s, d = header.data_start + e.begin, base + new_begin
+            if run and run[0] + run[2] == s and run[1] + run[2] == d:
+                run[2] += e.nbytes
+            else:
+                if run:
+                    copy_range(sfd, dst_fd, *run)
+                run = [s, d, e.nbytes]
+        if run:
+            copy_range(sfd, dst_fd, *run)
+    size = base + sum(e.nbytes for e, _ in layout)
+    if os.fstat(dst_fd).st_size != size:
+        raise ShardWriteError(f"{header.path.name}: wrote {os.fstat(dst_fd).st_size} bytes, expected {size}")
+    return size
+
+
+def _write_replaced(header, sfd, dst_fd, entry, dst_off, producer) -> None:
+    # the producer gets its own copy of the tensor's bytes (it may keep or reinterpret them);
+    # memory: one tensor, as the design allows
+    raw = bytearray(entry.nbytes)
+    view, off = memoryview(raw), header.data_start + entry.begin
+    while view:
+        k = os.preadv(sfd, [view], off)
+        if k == 0:
+            raise ShardWriteError(f"{entry.name}: source file ended early")
+        view, off = view[k:], off + k
+    try:
+        new = producer(memoryview(raw))
+    except Exception as e:  # noqa: BLE001 - e.g. a re-fold failing: roll back with one line
+        raise ShardWriteError(f"{entry.name}: computing the new data failed: {type(e).__name__}: {e}") from e
+    if len(new) != entry.nbytes:
+        raise ShardWriteError(f"{entry.name}: replacement is {len(new)} bytes, expected {entry.nbytes}")
+    _write_all(dst_fd, new, dst_off)
+
+
+def _write_all(fd: int, data, off: int) -> None:
+    mv = memoryview(data).cast("B")
+    while mv:
+        k = os.pwrite(fd, mv, off)
+        mv, off = mv[k:], off + k
+
+
+def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -> None:
+    """Copy n bytes in the kernel when it can (copy_file_range, then sendfile), else through a
+    bounded buffer. Errors other than 'not supported here' (ENOSPC, EFBIG, EIO) propagate."""
+    while n > 0:
+        mode = _mode["m"]
+        try:
+            if mode == "copy_file_range":
+                k = os.copy_file_range(src_fd, dst_fd, min(n, CHUNK), src_off, dst_off)
+            elif mode == "sendfile":
+                os.lseek(dst_fd, dst_off, os.SEEK_SET)
+                k = os.sendfile(dst_fd, src_fd, src_off, min(n, CHUNK))
+            else:
+                buf = os.pread(src_fd, min(n, BUFFER), src_off)
+                k = len(buf)
+                _write_all(dst_fd, buf, dst_off)
+        except (OSError, AttributeError) as e:
+            if mode != "buffer" and (isinstance(e, AttributeError) or e.errno in _FALLBACK_ERRNOS):
+                _mode["m"] = _MODES[_MODES.index(mode) + 1]
+                continue
+            raise
+        if k == 0:
+            raise ShardWriteError("source file ended early (changed while fixing?)")
+        src_off, dst_off, n = src_off + k, dst_off + k, n - k
