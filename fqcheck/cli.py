@@ -53,33 +53,11 @@ def lint(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the summary (text format)."),
 ) -> None:
     """Report what is wrong with a checkpoint. Exit 0 clean, 1 findings, 2 usage or internal error."""
-    from .api import FAIL_ON, lint as run_lint
-    from .catalog import CatalogError
-    from .checkpoint import CheckpointError
-    from .engine import CheckCrashed
-    from .report import FORMATS, render
+    from .launch import lint_command  # shared with the typer-free fast path of fqcheck.launch
 
-    if fmt not in FORMATS:
-        raise _fail(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if fail_on not in FAIL_ON:
-        raise _fail(f"unknown --fail-on {fail_on!r}; choose from {', '.join(FAIL_ON)}")
-    try:
-        report = run_lint(path, select=_split(select), ignore=_split(ignore), deep=deep, arch=arch,
-                          rules_dirs=rules or ())
-    except (CheckpointError, CatalogError) as e:
-        raise _fail(str(e))
-    except CheckCrashed as e:
-        if os.environ.get("FQCHECK_DEBUG"):
-            raise
-        raise _fail(f"internal error: {e} (set FQCHECK_DEBUG=1 for a traceback)")
-    color = output_file is None and sys.stdout.isatty()
-    kw = {"color": color, "quiet": quiet, "statistics": statistics} if fmt == "text" else {}
-    out = render(report, fmt, **kw)
-    if output_file:
-        output_file.write_text(out, encoding="utf-8")
-    else:
-        sys.stdout.write(out)
-    raise typer.Exit(EXIT_FINDINGS if report.failed(fail_on) and not exit_zero else EXIT_CLEAN)
+    raise typer.Exit(lint_command(path, select=select, ignore=ignore, fmt=fmt, fail_on=fail_on,
+                                  exit_zero=exit_zero, deep=deep, arch=arch, rules=rules,
+                                  output_file=output_file, statistics=statistics, quiet=quiet))
 
 
 @app.command("rules")
@@ -119,4 +97,10 @@ def explain(code: str = typer.Argument(..., help="A rule code, e.g. QNT001.")) -
 
 
 def main() -> None:
+    """Console-script entry; plain `fqcheck lint` command lines skip typer (see fqcheck.launch)."""
+    from .launch import main as launch_main
+    launch_main()
+
+
+def typer_main() -> None:
     app()

@@ -12,6 +12,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -127,6 +128,79 @@ def _parse(hdr: SafetensorsHeader, raw: bytes) -> None:
     if not text.startswith("{"):
         _unreadable(hdr, "header does not start with '{'")
         return
+    # Fast path: plain json.loads (no per-object Python hook) and an inlined check that accepts
+    # only fully valid, duplicate-free headers. Anything else is re-read by the exact slow path,
+    # so the problems reported are the same either way.
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        obj = None
+    if type(obj) is dict and _parse_fast(hdr, obj, text):
+        return
+    _parse_slow(hdr, text)
+
+
+_new_entry = tuple.__new__
+_by_range = itemgetter(3, 4)
+
+
+def _parse_fast(hdr: SafetensorsHeader, obj: dict, text: str) -> bool:
+    """Fill `hdr` and return True when every entry is valid and no object in the JSON has a
+    duplicate key; return False (leaving `hdr` untouched) when the slow path must decide.
+
+    Duplicate keys, exactly, without an object_pairs_hook: outside strings a ':' only ever
+    separates a key from its value, so the ':' in the text minus those inside strings count the
+    keys written, at least one per distinct key json.loads kept. Inside strings a ':' is literal
+    (counted from the decoded names and metadata; dtypes have none) or the escape \\u003a, which
+    sends us to the slow path. Equality with the keys we know of (3 per entry) proves that no
+    object repeats a key and no entry has extra keys."""
+    meta = obj.pop("__metadata__", _MISSING)  # obj is ours: the slow path parses afresh
+    keys = len(obj)
+    colons = 0
+    if meta is not _MISSING:
+        if type(meta) is not dict:
+            return False
+        for k, v in meta.items():
+            if type(v) is not str:
+                return False
+            colons += k.count(":") + v.count(":")
+        keys += 1 + len(meta)
+    bits_of = DTYPE_BITS.get
+    limit = _U64_LIMIT
+    entries = []
+    add = entries.append
+    try:  # any surprise (missing key, wrong type) raises here and means: take the slow path
+        for name, info in obj.items():
+            dtype = info["dtype"]
+            shape = info["shape"]
+            begin, end = info["data_offsets"]
+            bits = bits_of(dtype)
+            if bits is None or type(begin) is not int or type(end) is not int or not 0 <= begin <= end < limit:
+                return False
+            n = bits  # numel x bits, bounded at each step as the slow path bounds numel
+            cap = limit * bits
+            for d in shape:
+                if type(d) is not int or not 0 <= d < limit:
+                    return False
+                n *= d
+                if n >= cap:
+                    return False
+            if n != (end - begin) * 8 or type(dtype) is not str or type(shape) is not list:
+                return False
+            if ":" in name:
+                colons += name.count(":")
+            add(_new_entry(TensorEntry, (name, dtype, tuple(shape), begin, end)))
+    except (KeyError, TypeError, ValueError):
+        return False
+    if "\\u003" in text or text.count(":") - colons != keys + 3 * len(entries):
+        return False  # maybe a duplicate key somewhere: the slow path names it
+    _check_metadata(hdr, meta)
+    hdr.tensors = {e[0]: e for e in entries}
+    _check_layout(hdr, entries, hdr.file_size - hdr.data_start)
+    return True
+
+
+def _parse_slow(hdr: SafetensorsHeader, text: str) -> None:
     try:
         obj = json.loads(text, object_pairs_hook=_pairs_keep_duplicates)
     except (ValueError, RecursionError) as e:
@@ -205,7 +279,7 @@ def _entry(name: str, info, bad) -> TensorEntry | None:
 
 
 def _check_layout(hdr: SafetensorsHeader, ranges: list[TensorEntry], data_size: int) -> None:
-    ranges.sort(key=lambda e: (e.begin, e.end))
+    ranges.sort(key=_by_range)
     pos = 0
     last = None
     for e in ranges:
