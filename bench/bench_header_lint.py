@@ -188,6 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of wall time allowed")
     ap.add_argument("--ratio", type=float, default=2.0, help="allowed multiple of the floor")
     ap.add_argument("--no-script", action="store_true", help="skip the console-script variant")
+    ap.add_argument("--no-pyc", action="store_true", help="measure without a bytecode cache")
     args = ap.parse_args(argv)
 
     t = time.perf_counter()
@@ -199,12 +200,24 @@ def main(argv=None) -> int:
 
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("FQCHECK_DEBUG", None)
+    if args.no_pyc:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        cache = "off: every run compiles fqcheck's sources"
+    else:
+        # An installed fqcheck runs from cached bytecode; this environment may set
+        # PYTHONDONTWRITEBYTECODE, which would charge every run the compile of fqcheck's modules.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(args.out.parent / "pycache")
+        cache = f"on ({env['PYTHONPYCACHEPREFIX']})"
+    print(f"python: {sys.executable} {sys.version.split()[0]}, bytecode cache {cache}")
     py = sys.executable
     d = str(args.out)
     variants = {"floor": [py, "-c", FLOOR, d], "python -m fqcheck lint": [py, "-m", "fqcheck", "lint", d]}
     script = None if args.no_script else _console_script()
     if script:
         variants["fqcheck lint (script)"] = [script, "lint", d]
+    for cmd in variants.values():  # warm-up: page cache, bytecode cache
+        _timed(cmd, env)
     best = {k: float("inf") for k in variants}
     last: dict[str, subprocess.CompletedProcess] = {}
     for _ in range(args.runs):  # interleaved, so load from other processes hits all alike

@@ -9,6 +9,7 @@ Both paths run `lint_command`, so they cannot drift apart in what they do.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -91,6 +92,9 @@ def lint_command(path: Path, select=None, ignore=None, fmt: str = "text", fail_o
                  exit_zero: bool = False, deep: bool = False, arch: bool = False, rules=None,
                  output_file: Path | None = None, statistics: bool = False, quiet: bool = False) -> int:
     """`fqcheck lint`: run, print the report, return the exit code."""
+    # A CLI run is short and creates no garbage cycles worth collecting; the cyclic GC would
+    # otherwise re-scan the ~1M objects of a large checkpoint's headers (~0.03 s) for nothing.
+    gc.disable()
     from .api import FAIL_ON, lint as run_lint
     from .catalog import CatalogError
     from .checkpoint import CheckpointError
@@ -126,6 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["lint"]:
         kwargs = parse_lint_args(args[1:])
         if kwargs is not None:
-            sys.exit(lint_command(**kwargs))
+            code = lint_command(**kwargs)
+            if argv is None and not (kwargs["deep"] or kwargs["arch"]):
+                # A header-only run holds nothing to clean up; skip the interpreter's teardown,
+                # which would free the ~1M objects of a large checkpoint's headers one by one.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+            sys.exit(code)
     from .cli import typer_main
     typer_main()
