@@ -144,7 +144,6 @@ def _parse(hdr: SafetensorsHeader, raw: bytes) -> None:
 
 _new_entry = tuple.__new__
 _get_dtype, _get_shape, _get_offsets = itemgetter("dtype"), itemgetter("shape"), itemgetter("data_offsets")
-_first, _second = itemgetter(0), itemgetter(1)
 _STR, _LIST, _INT, _TWO = {str}, {list}, {int}, {2}
 
 
@@ -188,11 +187,12 @@ def _parse_fast(hdr: SafetensorsHeader, obj: dict, text: str) -> bool:
             offsets = list(map(_get_offsets, infos))
             if set(map(len, offsets)) != _TWO:
                 return False
-            begins = list(map(_first, offsets))
-            ends = list(map(_second, offsets))
         except (KeyError, TypeError):
             return False
-        if not (_types(begins) == _INT and _types(ends) == _INT and all(map(le, begins, ends))):
+        flat = list(chain.from_iterable(offsets))
+        begins = flat[0::2]
+        ends = flat[1::2]
+        if not (_types(flat) == _INT and all(map(le, begins, ends))):
             return False
         contiguous = begins[0] == 0 and begins[1:] == ends[:-1]  # then begins rise from 0
         if not (ends[-1] < _U64_LIMIT if contiguous else min(begins) >= 0 and max(ends) < _U64_LIMIT):
