@@ -118,7 +118,8 @@ def _pairs_keep_duplicates(pairs):
 
 
 _MISSING = object()
-_DUPS = "\x00duplicates"  # cannot collide with a real key: JSON keys from the file are decoded text
+# Key under which the hook stores an object's repeated keys: not a str, so no JSON key can be it.
+_DUPS = type("_Duplicates", (), {"__repr__": lambda self: "<duplicates>"})()
 
 
 def _parse(hdr: SafetensorsHeader, raw: bytes) -> None:
@@ -127,8 +128,8 @@ def _parse(hdr: SafetensorsHeader, raw: bytes) -> None:
     except UnicodeDecodeError as e:
         _unreadable(hdr, f"header is not valid UTF-8 (byte {e.start})")
         return
-    if not text.startswith("{"):
-        _unreadable(hdr, "header does not start with '{'")
+    if ("\\ud" in text or "\\uD" in text) and _lone_surrogate(text):
+        _unreadable(hdr, "header JSON has a lone UTF-16 surrogate escape (not valid Unicode); the reference reader rejects it")
         return
     # Fast path: plain json.loads (no per-object Python hook) and an inlined check that accepts
     # only fully valid, duplicate-free headers. Anything else is re-read by the exact slow path,
@@ -252,6 +253,8 @@ def _check_metadata(hdr: SafetensorsHeader, meta) -> None:
     if meta is _MISSING:
         hdr.problems.append(Problem(METADATA, "__metadata__ is missing; transformers expects {\"format\": \"pt\"}"))
         return
+    if isinstance(meta, dict):
+        meta.pop(_DUPS, None)  # a repeated metadata key: the reference reader keeps the last, so do we
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         hdr.problems.append(Problem(METADATA, "__metadata__ must map strings to strings; the reference reader rejects this header"))
         return
@@ -271,6 +274,9 @@ def _entry(name: str, info, bad) -> TensorEntry | None:
     if not isinstance(info, dict):
         bad(Problem(BAD_ENTRY, f"entry is a {type(info).__name__}, not an object", name))
         return None
+    dups = info.pop(_DUPS, None)
+    if dups:  # serde refuses a struct with a repeated field
+        bad(Problem(BAD_ENTRY, f"entry repeats the key(s) {', '.join(map(repr, sorted(set(dups))))}", name))
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not (isinstance(offsets, list) and len(offsets) == 2 and _is_uint(offsets[0]) and _is_uint(offsets[1])):
         bad(Problem(BAD_ENTRY, f"data_offsets {_short(offsets)} is not a pair of unsigned 64-bit integers", name))
@@ -323,6 +329,20 @@ def _check_layout(hdr: SafetensorsHeader, ranges: list[TensorEntry], data_size: 
         hdr.problems.append(Problem(BUFFER, f"{data_size - pos} trailing bytes after the last tensor's data"))
 
 
+def _lone_surrogate(text: str) -> bool:
+    """True when the JSON decodes to a string holding an unpaired surrogate (serde rejects it)."""
+    try:
+        json.dumps(json.loads(text), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (ValueError, RecursionError):
+        pass  # invalid JSON: reported as such by the parse
+    return False
+
+
 def _short(v) -> str:
-    s = json.dumps(v) if not isinstance(v, str) else repr(v)
+    try:
+        s = json.dumps(v, skipkeys=True) if not isinstance(v, str) else repr(v)
+    except (ValueError, TypeError, RecursionError):
+        s = f"<{type(v).__name__}>"
     return s if len(s) <= 60 else s[:57] + "..."
