@@ -140,6 +140,7 @@ def _parse(hdr: SafetensorsHeader, raw: bytes) -> None:
         obj = None
     if type(obj) is dict and _parse_fast(hdr, obj, text):
         return
+    obj = None  # free the first parse before the second
     _parse_slow(hdr, text)
 
 
