@@ -72,26 +72,11 @@ def _json_schema(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:
 
 
 def schema_errors(data, schema_file: Path, limit: int = 20) -> list[str]:
-    """Human-readable JSON Schema violations (jsonschema is imported lazily: it costs ~0.1 s)."""
-    validator = _validator(str(schema_file))
-    out = []
-    for e in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
-        where = "/".join(map(str, e.absolute_path)) or "(root)"
-        out.append(f"{where}: {e.message[:300]}")
-        if len(out) >= limit:
-            break
-    return out
-
-
-@lru_cache(maxsize=16)
-def _validator(schema_file: str):
-    import json
-
-    import jsonschema
+    """Human-readable JSON Schema violations. fqcheck.schema checks valid documents without
+    importing jsonschema (~0.1 s); use it (or this) for any schema validation."""
+    from ..schema import SchemaFileError, schema_errors as errors
 
     try:
-        schema = json.loads(Path(schema_file).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CatalogError(f"schema {schema_file}: {e}") from None
-    cls = jsonschema.validators.validator_for(schema)
-    return cls(schema)
+        return errors(data, schema_file, limit)
+    except SchemaFileError as e:
+        raise CatalogError(str(e)) from None
