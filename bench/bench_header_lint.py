@@ -167,17 +167,18 @@ print(n)
 
 
 def _timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
+    # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH.
     t = time.perf_counter()
-    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     return time.perf_counter() - t, p
 
 
-def _console_script(out: Path) -> str:
+def _console_script(root: Path, out: Path) -> str:
     """The `fqcheck` console script exactly as pip writes it from pyproject.toml's entry point
     (the installed one may predate this checkout's entry point, or sit behind a pyenv shim)."""
     import tomllib
 
-    spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["fqcheck"]
+    spec = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["fqcheck"]
     module, func = spec.split("#")[0].strip().split(":")
     script = out / "bin" / "fqcheck"
     script.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=2.0, help="allowed multiple of the floor")
     ap.add_argument("--no-script", action="store_true", help="skip the console-script variant")
     ap.add_argument("--no-pyc", action="store_true", help="measure without a bytecode cache")
+    ap.add_argument("--fqcheck-root", type=Path, default=ROOT,
+                    help="source tree to import fqcheck from (e.g. an export of another commit, to compare)")
     args = ap.parse_args(argv)
 
     t = time.perf_counter()
@@ -206,7 +209,8 @@ def main(argv=None) -> int:
           f"{s['total_size'] / 1e9:.0f} GB apparent, {disk / 1e6:.1f} MB on disk, "
           f"{s['header_bytes'] / 1e6:.1f} MB of header JSON ({time.perf_counter() - t:.2f} s)")
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    root = args.fqcheck_root.resolve()
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("FQCHECK_DEBUG", None)
     if args.no_pyc:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -217,12 +221,12 @@ def main(argv=None) -> int:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(args.out.parent / "pycache")
         cache = f"on ({env['PYTHONPYCACHEPREFIX']})"
-    print(f"python: {sys.executable} {sys.version.split()[0]}, bytecode cache {cache}")
+    print(f"fqcheck from {root}; python {sys.executable} {sys.version.split()[0]}; bytecode cache {cache}")
     py = sys.executable
     d = str(args.out)
     variants = {"floor": [py, "-c", FLOOR, d], "python -m fqcheck lint": [py, "-m", "fqcheck", "lint", d]}
     if not args.no_script:
-        variants["fqcheck lint (script)"] = [_console_script(args.out.parent), "lint", d]
+        variants["fqcheck lint (script)"] = [_console_script(root, args.out.parent), "lint", d]
     for cmd in variants.values():  # warm-up: page cache, bytecode cache
         _timed(cmd, env)
     best = {k: float("inf") for k in variants}
