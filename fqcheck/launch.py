@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["lint"]:
         kwargs = parse_lint_args(args[1:])
         if kwargs is not None:
+            if argv is None:
+                gc.disable()  # before the imports too (see lint_command)
             code = lint_command(**kwargs)
             if argv is None and not (kwargs["deep"] or kwargs["arch"]):
                 # A header-only run holds nothing to clean up; skip the interpreter's teardown,

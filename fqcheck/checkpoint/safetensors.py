@@ -202,12 +202,12 @@ def _parse_fast(hdr: SafetensorsHeader, obj: dict, text: str) -> bool:
         if _types(shapes) != _LIST or max(map(len, shapes)) > 8:  # long shapes: the slow path
             return False                                             # bounds the product stepwise
         dims = list(chain.from_iterable(shapes))
-        if dims and not (_types(dims) == _INT and min(dims) >= 1 and max(dims) < _U64_LIMIT):
+        if dims and not (_types(dims) == _INT and min(dims) >= 1):
             return False  # zero dims too: the slow path decides overflow of the partial product
         numels = list(map(prod, shapes))
         if list(map(mul, numels, bits)) != list(map(mul, map(sub, ends, begins), repeat(8))):
             return False
-        if max(numels) >= _U64_LIMIT:
+        if max(numels) >= _U64_LIMIT:  # with every dim >= 1 this also bounds each dim
             return False
         entries = list(map(_new_entry, repeat(TensorEntry), zip(names, dtypes, map(tuple, shapes), begins, ends)))
     extra = text.count(":") - keys - 3 * len(entries)
