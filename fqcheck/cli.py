@@ -54,56 +54,13 @@ def lint(
     device: str = typer.Option("auto", "--device", help="Deep checks' device: auto, cpu or cuda[:N]."),
 ) -> None:
     """Report what is wrong with a checkpoint. Exit 0 clean, 1 findings, 2 usage or internal error."""
-    from .api import FAIL_ON, lint as run_lint
-    from .catalog import CatalogError
-    from .checkpoint import CheckpointError
-    from .engine import CheckCrashed
-    from .report import FORMATS, render
+    from .launch import lint_command  # shared with the typer-free fast path of fqcheck.launch
 
-    if fmt not in FORMATS:
-        raise _fail(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if fail_on not in FAIL_ON:
-        raise _fail(f"unknown --fail-on {fail_on!r}; choose from {', '.join(FAIL_ON)}")
-    bad_device = _check_device(device, deep)
-    if bad_device:
-        raise _fail(bad_device)
-    try:
-        report = run_lint(path, select=_split(select), ignore=_split(ignore), deep=deep, arch=arch,
-                          rules_dirs=rules or (), quiet=quiet, device=device)
-    except (CheckpointError, CatalogError) as e:
-        raise _fail(str(e))
-    except CheckCrashed as e:
-        if os.environ.get("FQCHECK_DEBUG"):
-            raise
-        raise _fail(f"internal error: {e} (set FQCHECK_DEBUG=1 for a traceback)")
-    for note in report.notes:
-        typer.echo(f"fqcheck: note: {note}", err=True)
-    color = output_file is None and sys.stdout.isatty()
-    kw = {"color": color, "quiet": quiet, "statistics": statistics} if fmt == "text" else {}
-    out = render(report, fmt, **kw)
-    if output_file:
-        output_file.write_text(out, encoding="utf-8")
-    else:
-        sys.stdout.write(out)
-    raise typer.Exit(EXIT_FINDINGS if report.failed(fail_on) and not exit_zero else EXIT_CLEAN)
+    raise typer.Exit(lint_command(path, select=select, ignore=ignore, fmt=fmt, fail_on=fail_on,
+                                  exit_zero=exit_zero, deep=deep, arch=arch, rules=rules,
+                                  output_file=output_file, statistics=statistics, quiet=quiet,
+                                  device=device))
 
-
-def _check_device(device: str, deep: bool) -> str | None:
-    """--device auto|cpu|cuda[:N]; a CUDA device is checked (torch imported) only for deep runs."""
-    import re
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device.strip().lower()):
-        return f"unknown --device {device!r}; use auto, cpu or cuda[:N]"
-    if deep and device.startswith("cuda"):
-        try:
-            import torch
-        except ImportError:
-            return f"--device {device}: torch is not installed"
-        if not torch.cuda.is_available():
-            return f"--device {device}: torch sees no CUDA GPU"
-        idx = int(device.split(":")[1]) if ":" in device else 0
-        if idx >= torch.cuda.device_count():
-            return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)"
-    return None
 
 
 @app.command("rules")
@@ -224,4 +181,10 @@ def restore(path: Path = typer.Argument(..., help="Checkpoint directory fixed in
 
 
 def main() -> None:
+    """Console-script entry; plain `fqcheck lint` command lines skip typer (see fqcheck.launch)."""
+    from .launch import main as launch_main
+    launch_main()
+
+
+def typer_main() -> None:
     app()

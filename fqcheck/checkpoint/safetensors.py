@@ -12,6 +12,9 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
+from itertools import chain, repeat
+from math import prod
+from operator import itemgetter, le, mul, sub
 from pathlib import Path
 from typing import NamedTuple
 
@@ -115,7 +118,8 @@ def _pairs_keep_duplicates(pairs):
 
 
 _MISSING = object()
-_DUPS = "\x00duplicates"  # cannot collide with a real key: JSON keys from the file are decoded text
+# Key under which the hook stores an object's repeated keys: not a str, so no JSON key can be it.
+_DUPS = type("_Duplicates", (), {"__repr__": lambda self: "<duplicates>"})()
 
 
 def _parse(hdr: SafetensorsHeader, raw: bytes) -> None:
@@ -124,9 +128,103 @@ def _parse(hdr: SafetensorsHeader, raw: bytes) -> None:
     except UnicodeDecodeError as e:
         _unreadable(hdr, f"header is not valid UTF-8 (byte {e.start})")
         return
-    if not text.startswith("{"):
-        _unreadable(hdr, "header does not start with '{'")
+    if ("\\ud" in text or "\\uD" in text) and _lone_surrogate(text):
+        _unreadable(hdr, "header JSON has a lone UTF-16 surrogate escape (not valid Unicode); the reference reader rejects it")
         return
+    # Fast path: plain json.loads (no per-object Python hook) and an inlined check that accepts
+    # only fully valid, duplicate-free headers. Anything else is re-read by the exact slow path,
+    # so the problems reported are the same either way.
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        obj = None
+    if type(obj) is dict and _parse_fast(hdr, obj, text):
+        return
+    obj = None  # free the first parse before the second
+    _parse_slow(hdr, text)
+
+
+_new_entry = tuple.__new__
+_get_dtype, _get_shape, _get_offsets = itemgetter("dtype"), itemgetter("shape"), itemgetter("data_offsets")
+_STR, _LIST, _INT, _TWO = {str}, {list}, {int}, {2}
+
+
+def _types(values) -> set:
+    return set(map(type, values))
+_by_range = itemgetter(3, 4)
+_begin, _end = itemgetter(3), itemgetter(4)
+
+
+def _parse_fast(hdr: SafetensorsHeader, obj: dict, text: str) -> bool:
+    """Fill `hdr` and return True when every entry is valid and no object in the JSON has a
+    duplicate key; return False (leaving `hdr` untouched) when the slow path must decide.
+
+    Duplicate keys, exactly, without an object_pairs_hook: outside strings a ':' only ever
+    separates a key from its value, so the ':' in the text minus those inside strings count the
+    keys written, at least one per distinct key json.loads kept. Inside strings a ':' is literal
+    (counted from the decoded names and metadata; dtypes have none) or the escape \\u003a, which
+    sends us to the slow path. Equality with the keys we know of (3 per entry) proves that no
+    object repeats a key and no entry has extra keys."""
+    meta = obj.pop("__metadata__", _MISSING)  # obj is ours: the slow path parses afresh
+    keys = len(obj)
+    colons = 0
+    if meta is not _MISSING:
+        if type(meta) is not dict:
+            return False
+        for k, v in meta.items():
+            if type(v) is not str:
+                return False
+            colons += k.count(":") + v.count(":")
+        keys += 1 + len(meta)
+    names = list(obj)
+    entries = begins = ends = []
+    # Every check runs over whole columns at C speed (map/set/min/max/list equality), not per
+    # entry in Python: this is ~90k entries on a DeepSeek-R1-sized checkpoint.
+    if names:
+        try:  # a surprise anywhere (missing key, wrong type) raises and means: take the slow path
+            infos = list(obj.values())
+            dtypes = list(map(_get_dtype, infos))  # only str keys can match: no type test needed
+            bits = list(map(DTYPE_BITS.__getitem__, dtypes))
+            shapes = list(map(_get_shape, infos))
+            offsets = list(map(_get_offsets, infos))
+            if set(map(len, offsets)) != _TWO:
+                return False
+        except (KeyError, TypeError):
+            return False
+        flat = list(chain.from_iterable(offsets))
+        begins = flat[0::2]
+        ends = flat[1::2]
+        if not (_types(flat) == _INT and all(map(le, begins, ends))):
+            return False
+        contiguous = begins[0] == 0 and begins[1:] == ends[:-1]  # then begins rise from 0
+        if not (ends[-1] < _U64_LIMIT if contiguous else min(begins) >= 0 and max(ends) < _U64_LIMIT):
+            return False
+        if _types(shapes) != _LIST or max(map(len, shapes)) > 8:  # long shapes: the slow path
+            return False                                             # bounds the product stepwise
+        dims = list(chain.from_iterable(shapes))
+        if dims and not (_types(dims) == _INT and min(dims) >= 1):
+            return False  # zero dims too: the slow path decides overflow of the partial product
+        numels = list(map(prod, shapes))
+        if list(map(mul, numels, bits)) != list(map(mul, map(sub, ends, begins), repeat(8))):
+            return False
+        if max(numels) >= _U64_LIMIT:  # with every dim >= 1 this also bounds each dim
+            return False
+        entries = list(map(_new_entry, repeat(TensorEntry), zip(names, dtypes, map(tuple, shapes), begins, ends)))
+    extra = text.count(":") - keys - 3 * len(entries)
+    if extra:  # colons inside strings, or duplicate keys: count the former exactly
+        colons += sum(map(str.count, names, repeat(":")))
+        if extra != colons or "\\u003" in text:
+            return False  # maybe a duplicate key somewhere: the slow path names it
+    _check_metadata(hdr, meta)
+    hdr.tensors = dict(zip(names, entries))
+    data_size = hdr.file_size - hdr.data_start
+    # Files written by safetensors list tensors in offset order: then contiguity needs no sort.
+    if not (entries and contiguous and ends[-1] == data_size):
+        _check_layout(hdr, entries, data_size)
+    return True
+
+
+def _parse_slow(hdr: SafetensorsHeader, text: str) -> None:
     try:
         obj = json.loads(text, object_pairs_hook=_pairs_keep_duplicates)
     except (ValueError, RecursionError) as e:
@@ -156,6 +254,8 @@ def _check_metadata(hdr: SafetensorsHeader, meta) -> None:
     if meta is _MISSING:
         hdr.problems.append(Problem(METADATA, "__metadata__ is missing; transformers expects {\"format\": \"pt\"}"))
         return
+    if isinstance(meta, dict):
+        meta.pop(_DUPS, None)  # a repeated metadata key: the reference reader keeps the last, so do we
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         hdr.problems.append(Problem(METADATA, "__metadata__ must map strings to strings; the reference reader rejects this header"))
         return
@@ -175,6 +275,9 @@ def _entry(name: str, info, bad) -> TensorEntry | None:
     if not isinstance(info, dict):
         bad(Problem(BAD_ENTRY, f"entry is a {type(info).__name__}, not an object", name))
         return None
+    dups = info.pop(_DUPS, None)
+    if dups:  # serde refuses a struct with a repeated field
+        bad(Problem(BAD_ENTRY, f"entry repeats the key(s) {', '.join(map(repr, sorted(set(dups))))}", name))
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not (isinstance(offsets, list) and len(offsets) == 2 and _is_uint(offsets[0]) and _is_uint(offsets[1])):
         bad(Problem(BAD_ENTRY, f"data_offsets {_short(offsets)} is not a pair of unsigned 64-bit integers", name))
@@ -205,7 +308,12 @@ def _entry(name: str, info, bad) -> TensorEntry | None:
 
 
 def _check_layout(hdr: SafetensorsHeader, ranges: list[TensorEntry], data_size: int) -> None:
-    ranges.sort(key=lambda e: (e.begin, e.end))
+    ranges.sort(key=_by_range)
+    if ranges:  # the usual case, at C speed: each range starts where the previous one ended
+        begins = list(map(_begin, ranges))
+        ends = list(map(_end, ranges))
+        if begins[0] == 0 and ends[-1] == data_size and begins[1:] == ends[:-1]:
+            return
     pos = 0
     last = None
     for e in ranges:
@@ -222,6 +330,20 @@ def _check_layout(hdr: SafetensorsHeader, ranges: list[TensorEntry], data_size: 
         hdr.problems.append(Problem(BUFFER, f"{data_size - pos} trailing bytes after the last tensor's data"))
 
 
+def _lone_surrogate(text: str) -> bool:
+    """True when the JSON decodes to a string holding an unpaired surrogate (serde rejects it)."""
+    try:
+        json.dumps(json.loads(text), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (ValueError, RecursionError):
+        pass  # invalid JSON: reported as such by the parse
+    return False
+
+
 def _short(v) -> str:
-    s = json.dumps(v) if not isinstance(v, str) else repr(v)
+    try:
+        s = json.dumps(v, skipkeys=True) if not isinstance(v, str) else repr(v)
+    except (ValueError, TypeError, RecursionError):
+        s = f"<{type(v).__name__}>"
     return s if len(s) <= 60 else s[:57] + "..."

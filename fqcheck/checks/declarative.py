@@ -9,7 +9,6 @@ from typing import Iterator
 from ..catalog import CatalogError, Rule, rules_dir
 from ..checkpoint import Checkpoint, load_json
 from ..engine import Hit
-from ..fix.edits import DropJsonKey, DropTensor
 
 
 def evaluate(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:
@@ -45,9 +44,7 @@ def _tensor_pattern(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:
     for fname, h in ckpt.headers().items():
         for t in h.tensors:
             if rx.search(t):
-                # a fixable tensor-pattern rule is fixed by dropping the tensor (and its index entry)
-                fix = DropTensor(fname, t) if rule.fix != "no" else None
-                yield Hit(_message(rule, tensor=t, file=fname), file=fname, tensor=t, fix=fix)
+                yield Hit(_message(rule, tensor=t, file=fname), file=fname, tensor=t)
 
 
 def _config_key(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:
@@ -59,9 +56,7 @@ def _config_key(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:
         if not isinstance(node, dict) or part not in node:
             return
         node = node[part]
-    key = rule.match["config_key"]
-    fix = DropJsonKey(cfg.name, key) if rule.fix != "no" and "." not in key else None
-    yield Hit(_message(rule, key=key, file=cfg.name), file=cfg.name, fix=fix)
+    yield Hit(_message(rule, key=rule.match["config_key"], file=cfg.name), file=cfg.name)
 
 
 def _json_schema(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:
@@ -77,27 +72,11 @@ def _json_schema(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:
 
 
 def schema_errors(data, schema_file: Path, limit: int = 20) -> list[str]:
-    """Human-readable JSON Schema violations (jsonschema is imported lazily: it costs ~0.1 s)."""
-    validator = _validator(str(schema_file))
-    out = []
-    for e in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
-        where = "/".join(map(str, e.absolute_path)) or "(root)"
-        msg = e.message if len(e.message) <= 300 else e.message[:150] + " ... " + e.message[-150:]
-        out.append(f"{where}: {msg}")  # both ends: a huge value in front, the verdict at the back
-        if len(out) >= limit:
-            break
-    return out
-
-
-@lru_cache(maxsize=16)
-def _validator(schema_file: str):
-    import json
-
-    import jsonschema
+    """Human-readable JSON Schema violations. fqcheck.schema checks valid documents without
+    importing jsonschema (~0.1 s); use it (or this) for any schema validation."""
+    from ..schema import SchemaFileError, schema_errors as errors
 
     try:
-        schema = json.loads(Path(schema_file).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CatalogError(f"schema {schema_file}: {e}") from None
-    cls = jsonschema.validators.validator_for(schema)
-    return cls(schema)
+        return errors(data, schema_file, limit)
+    except SchemaFileError as e:
+        raise CatalogError(str(e)) from None
