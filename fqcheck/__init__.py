@@ -1,11 +1,10 @@
-"""fqcheck: validate and repair quantized Hugging Face checkpoints before serving."""
+"""fqcheck: validate and repair quantized Hugging Face checkpoints before serving.
+
+    import fqcheck
+    report = fqcheck.lint("./export")   # -> fqcheck.Report; report.ok, report.findings, report.to_json()
+"""
 __version__ = "0.1.0"
 
+from .api import Finding, Report, lint  # noqa: E402  (after __version__, which submodules read)
 
-def lint(path, **kwargs):
-    """Lint a checkpoint; see fqcheck.api.lint."""
-    from .api import lint as _lint
-    return _lint(path, **kwargs)
-
-
-__all__ = ["lint", "__version__"]
+__all__ = ["Finding", "Report", "lint", "__version__"]
