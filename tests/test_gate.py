@@ -372,3 +372,17 @@ def test_action_definition():
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_checkpoint_level_finding_points_at_the_folder(damaged):
+    # Findings without a file (e.g. a missing index) locate the checkpoint folder itself.
+    from fqcheck.api import Report
+    from fqcheck.engine import Finding
+
+    base = lint(damaged, select=["SFT004"])
+    report = Report(base.path, [Finding("SFT004", "error", "whole-checkpoint problem")], base.rules_run, base.rules)
+    [res] = json.loads(render(report, "sarif"))["runs"][0]["results"]
+    assert res["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "ckpt/"
+    assert "tensor" not in res["properties"] and res["message"]["text"] == "whole-checkpoint problem"
+    [line] = render(report, "github").splitlines()
+    assert GH_LINE.match(line).group(2) == "ckpt"

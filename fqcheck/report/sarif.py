@@ -50,6 +50,8 @@ def render(report: Report, **_) -> str:
     results = []
     for f in report.findings:
         uri = relative(report, f, base)
+        if not f.file:  # a finding about the whole checkpoint points at its folder
+            uri = "./" if uri == "." else uri + "/"
         where = f"{f.tensor}: " if f.tensor else ""
         key = hashlib.sha256(f"{f.code}\0{uri}\0{f.tensor or ''}".encode()).hexdigest()[:16]
         seen[key] = seen.get(key, 0) + 1  # same rule, file and tensor twice: keep them apart
