@@ -1,43 +1,64 @@
-"""Terminal output: findings grouped by file, then a one-line summary (ruff's layout)."""
+"""Terminal output: findings grouped by file, then a one-line summary (ruff's layout).
+
+rich draws it only with colour (a terminal without NO_COLOR); otherwise the same lines are
+written directly, since importing rich costs ~50 ms of a large lint's one-second budget.
+"""
 from __future__ import annotations
 
 import io
 import os
 from itertools import groupby
+from typing import Callable, Iterator
 
 from ..api import Report
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+_FIX = {"safe": "[fixable]", "unsafe": "[unsafe fix]"}
+_CONTROL = dict.fromkeys((7, 8, 11, 12, 13))  # bell, backspace, vt, ff, cr: never sent to a terminal
 
 
 def render(report: Report, *, color: bool = False, quiet: bool = False, statistics: bool = False, **_) -> str:
     """quiet: findings only, no summary (nothing at all when clean); statistics: a count per code
     instead of the findings; color: ANSI styles, never when NO_COLOR is set."""
-    from rich.console import Console
-    from rich.markup import escape
+    if color and "NO_COLOR" not in os.environ:
+        return _render_rich(report, quiet, statistics)
+    lines = _lines(report, quiet, statistics, lambda style, text: text, lambda text: text)
+    return "".join(line.translate(_CONTROL) + "\n" for line in lines)
 
-    color = color and "NO_COLOR" not in os.environ
-    buf = io.StringIO()
-    con = Console(file=buf, force_terminal=color, no_color=not color, color_system="standard" if color else None,
-                  width=int(os.environ.get("COLUMNS", 120)), highlight=False, soft_wrap=True)
+
+def _lines(report: Report, quiet: bool, statistics: bool, mark: Callable[[str, str], str],
+           esc: Callable[[str], str]) -> Iterator[str]:
+    """The report as lines; `mark(style, text)` styles text, `esc` escapes what came from the file."""
     if statistics:
         for code, n in report.statistics().items():
             rule = report.rules.get(code)
             fix = " [*]" if any(f.fixable == "safe" for f in report.findings if f.code == code) else ""
-            con.print(f"{n:>6}  {code}{fix}  {escape(rule.name) if rule else ''}".rstrip())
+            yield f"{n:>6}  {code}{esc(fix)}  {rule.name if rule else ''}".rstrip()
     else:
         for fname, group in groupby(report.findings, key=lambda f: f.file or ""):
-            con.print(f"[bold]{escape(fname or report.path)}[/bold]")
+            yield mark("bold", esc(fname or report.path))
             for f in group:
-                where = f"{escape(f.tensor)}: " if f.tensor else ""
-                fix = {"safe": " [dim]\\[fixable][/dim]", "unsafe": " [dim]\\[unsafe fix][/dim]"}.get(f.fixable, "")
-                con.print(f"  [{_STYLE[f.severity]}]{f.code}[/] {f.severity:<7} {where}{escape(f.message)}{fix}")
-    if not quiet:
-        s = report.summary()
-        if not report.findings:
-            con.print(f"[green]✓[/green] {escape(report.path)}: no findings ({s['rules_run']} rules)")
-        else:
-            fixable = f", {s['fixable']} fixable with `fqcheck fix`" if s["fixable"] else ""
-            con.print(f"{escape(report.path)}: {s['errors']} error(s), {s['warnings']} warning(s), "
-                      f"{s['infos']} info{fixable} ({s['rules_run']} rules)")
+                where = f"{esc(f.tensor)}: " if f.tensor else ""
+                fix = " " + mark("dim", esc(_FIX[f.fixable])) if f.fixable in _FIX else ""
+                yield f"  {mark(_STYLE[f.severity], f.code)} {f.severity:<7} {where}{esc(f.message)}{fix}"
+    if quiet:
+        return
+    s = report.summary()
+    if not report.findings:
+        yield f"{mark('green', '✓')} {esc(report.path)}: no findings ({s['rules_run']} rules)"
+    else:
+        fixable = f", {s['fixable']} fixable with `fqcheck fix`" if s["fixable"] else ""
+        yield (f"{esc(report.path)}: {s['errors']} error(s), {s['warnings']} warning(s), "
+               f"{s['infos']} info{fixable} ({s['rules_run']} rules)")
+
+
+def _render_rich(report: Report, quiet: bool, statistics: bool) -> str:
+    from rich.console import Console
+    from rich.markup import escape
+
+    buf = io.StringIO()
+    con = Console(file=buf, force_terminal=True, width=int(os.environ.get("COLUMNS", 120)),
+                  highlight=False, soft_wrap=True, emoji=False)
+    for line in _lines(report, quiet, statistics, lambda style, text: f"[{style}]{text}[/]", escape):
+        con.print(line)
     return buf.getvalue()
