@@ -146,7 +146,7 @@ def test_github_lines(damaged):
     assert parsed[1][:3] == ("notice", "ckpt/extra.safetensors", "SFT006")
 
 
-def test_github_escaping_on_a_hostile_file(tmp_path, monkeypatch):
+def test_hostile_names_are_escaped(tmp_path, monkeypatch):
     # A real file whose name has ',' and ':' and a tensor name with '%' and a newline.
     hdr = {"__metadata__": {"format": "pt"}, "w%\nx": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}
     raw_safetensors(tmp_path / "a,b:c.safetensors", hdr, b"\0")
@@ -157,6 +157,10 @@ def test_github_escaping_on_a_hostile_file(tmp_path, monkeypatch):
     assert m, line
     assert m.group(2) == "a%2Cb%3Ac.safetensors"
     assert m.group(4).startswith("SFT002 w%25%0Ax: ")
+    log = json.loads(run_cli("lint", ".", "--select", "SFT002", "-f", "sarif").stdout)
+    [res] = log["runs"][0]["results"]
+    assert res["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "a%2Cb%3Ac.safetensors"
+    assert res["properties"]["tensor"] == "w%\nx"
     assert escape_data("50%\r\n") == "50%25%0D%0A"
     assert escape_property("a:b,c%") == "a%3Ab%2Cc%25"
 
@@ -410,7 +414,7 @@ def _stderr_on_a_terminal(args, env):
 
 
 def test_progress_only_on_a_terminal_and_not_quiet(damaged):
-    env = {}
+    env = {"NO_COLOR": "1"}
     p, err = _stderr_on_a_terminal(["lint", damaged, "--select", "SFT"], env)
     assert p.returncode == 1 and "fqcheck: linting" in err
     assert "\x1b[" not in p.stdout.decode()  # stdout is a pipe: plain text

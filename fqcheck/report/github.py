@@ -3,7 +3,7 @@ which the runner turns into annotations on the run and the pull request."""
 from __future__ import annotations
 
 from ..api import Report
-from .paths import relative
+from .paths import locator
 
 COMMAND = {"error": "error", "warning": "warning", "info": "notice"}
 
@@ -19,9 +19,9 @@ def escape_property(s: str) -> str:
 
 
 def render(report: Report, **_) -> str:
-    lines = []
+    lines, locate = [], locator(report)
     for f in report.findings:
         where = f"{f.tensor}: " if f.tensor else ""
-        props = f"file={escape_property(relative(report, f))},title={escape_property(f.code)}"
+        props = f"file={escape_property(locate(f))},title={escape_property(f.code)}"
         lines.append(f"::{COMMAND[f.severity]} {props}::{escape_data(f'{f.code} {where}{f.message}')}")
     return "".join(line + "\n" for line in lines)

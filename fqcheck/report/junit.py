@@ -8,17 +8,18 @@ from itertools import groupby
 
 from ..api import Report
 from ..engine import SEVERITY_RANK
-from .paths import relative
+from .paths import locator
 
 
-def _line(report: Report, f) -> str:
+def _line(locate, f) -> str:
     where = f":{f.tensor}" if f.tensor else ""
-    return f"{relative(report, f)}{where}: {f.code} {f.severity}: {f.message}"
+    return f"{locate(f)}{where}: {f.code} {f.severity}: {f.message}"
 
 
 def render(report: Report, *, fail_on: str = "error", **_) -> str:
     by_code = {c: list(g) for c, g in groupby(sorted(report.findings, key=lambda f: f.code), key=lambda f: f.code)}
     codes = sorted(set(report.rules_run) | set(by_code))
+    locate = locator(report)
     floor = None if fail_on == "never" else SEVERITY_RANK[fail_on]
     suites = ET.Element("testsuites", name="fqcheck")
     suite = ET.SubElement(suites, "testsuite", name=f"fqcheck {report.path}")
@@ -34,10 +35,10 @@ def render(report: Report, *, fail_on: str = "error", **_) -> str:
             failures += 1
             fail = ET.SubElement(case, "failure", type=code,
                                  message=f"{len(failing)} finding(s): {failing[0].message}")
-            fail.text = "\n".join(_line(report, f) for f in failing)
+            fail.text = "\n".join(_line(locate, f) for f in failing)
         rest = [f for f, bad in zip(found, fails) if not bad]
         if rest:
-            ET.SubElement(case, "system-out").text = "\n".join(_line(report, f) for f in rest)
+            ET.SubElement(case, "system-out").text = "\n".join(_line(locate, f) for f in rest)
     for el in (suites, suite):
         el.set("tests", str(len(codes)))
         el.set("failures", str(failures))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePath
+from typing import Callable
 
 from ..api import Report
 from ..engine import Finding
@@ -21,12 +22,17 @@ def base_dir(report: Report) -> str:
     return cwd if root == cwd or root.startswith(cwd.rstrip(os.sep) + os.sep) else os.path.dirname(root)
 
 
-def relative(report: Report, finding: Finding, base: str | None = None) -> str:
-    """POSIX path of the finding's file (or of the checkpoint folder) relative to `base`."""
+def locator(report: Report, base: str | None = None) -> Callable[[Finding], str]:
+    """A function giving a finding's POSIX path relative to `base` (default: base_dir): its file,
+    or the checkpoint folder for a finding about the whole checkpoint. Paths are computed once
+    per report, not per finding (a broken export can have 100,000 findings)."""
     root = checkpoint_root(report)
-    target = os.path.join(root, finding.file) if finding.file else root
-    rel = os.path.relpath(target, base or base_dir(report))
-    return PurePath(rel).as_posix() if rel != "." else "."
+    prefix = PurePath(os.path.relpath(root, base or base_dir(report))).as_posix()
+    head = "" if prefix == "." else prefix + "/"
+
+    def locate(finding: Finding) -> str:
+        return head + finding.file if finding.file else prefix
+    return locate
 
 
 def base_uri(base: str) -> str:
