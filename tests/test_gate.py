@@ -420,3 +420,13 @@ def test_progress_only_on_a_terminal_and_not_quiet(damaged):
     assert "\x1b[" not in p.stdout.decode()  # stdout is a pipe: plain text
     p, err = _stderr_on_a_terminal(["lint", damaged, "--select", "SFT", "-q"], env)
     assert p.returncode == 1 and err == ""
+
+
+def test_junit_stays_well_formed_with_control_characters_in_names(tmp_path, monkeypatch):
+    hdr = {"__metadata__": {"format": "pt"}, "w\x01\x00": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}
+    raw_safetensors(tmp_path / "model.safetensors", hdr, b"\0")
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("lint", ".", "--select", "SFT002", "-f", "junit")
+    assert r.exit_code == 1
+    fail = ET.fromstring(r.stdout.encode()).find("testsuite/testcase/failure")
+    assert fail.text.startswith("model.safetensors:w\\x01\\x00: SFT002 error:")

@@ -3,6 +3,7 @@ that ran. A rule with findings at or above --fail-on is a failed testcase carryi
 rule passes; findings below the bar are listed in the passing testcase's system-out."""
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from itertools import groupby
 
@@ -11,9 +12,17 @@ from ..engine import SEVERITY_RANK
 from .paths import locator
 
 
+# Characters XML 1.0 cannot carry at all; a hostile header's tensor names may hold them.
+_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml(text: str) -> str:
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _line(locate, f) -> str:
     where = f":{f.tensor}" if f.tensor else ""
-    return f"{locate(f)}{where}: {f.code} {f.severity}: {f.message}"
+    return _xml(f"{locate(f)}{where}: {f.code} {f.severity}: {f.message}")
 
 
 def render(report: Report, *, fail_on: str = "error", **_) -> str:
@@ -22,19 +31,19 @@ def render(report: Report, *, fail_on: str = "error", **_) -> str:
     locate = locator(report)
     floor = None if fail_on == "never" else SEVERITY_RANK[fail_on]
     suites = ET.Element("testsuites", name="fqcheck")
-    suite = ET.SubElement(suites, "testsuite", name=f"fqcheck {report.path}")
+    suite = ET.SubElement(suites, "testsuite", name=_xml(f"fqcheck {report.path}"))
     failures = 0
     for code in codes:
         rule = report.rules.get(code)
         case = ET.SubElement(suite, "testcase", classname=f"fqcheck.{code[:3].lower()}",
-                             name=f"{code} {rule.name}" if rule else code, file=report.path)
+                             name=f"{code} {rule.name}" if rule else code, file=_xml(report.path))
         found = by_code.get(code, [])
         fails = [floor is not None and SEVERITY_RANK[f.severity] >= floor for f in found]
         failing = [f for f, bad in zip(found, fails) if bad]
         if failing:
             failures += 1
             fail = ET.SubElement(case, "failure", type=code,
-                                 message=f"{len(failing)} finding(s): {failing[0].message}")
+                                 message=_xml(f"{len(failing)} finding(s): {failing[0].message}"))
             fail.text = "\n".join(_line(locate, f) for f in failing)
         rest = [f for f, bad in zip(found, fails) if not bad]
         if rest:
