@@ -430,3 +430,12 @@ def test_junit_stays_well_formed_with_control_characters_in_names(tmp_path, monk
     assert r.exit_code == 1
     fail = ET.fromstring(r.stdout.encode()).find("testsuite/testcase/failure")
     assert fail.text.startswith("model.safetensors:w\\x01\\x00: SFT002 error:")
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_text_never_sends_control_characters_from_a_header(tmp_path, color):
+    hdr = {"__metadata__": {"format": "pt"}, "w\x1b[2J\r": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}
+    raw_safetensors(tmp_path / "model.safetensors", hdr, b"\0")
+    out = render(lint(tmp_path, select=["SFT002"]), "text", color=color)
+    assert "w\\x1b[2J\\x0d: " in out
+    assert "\x1b[2J" not in out and "\r" not in out

@@ -14,7 +14,13 @@ from ..api import Report
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 _FIX = {"safe": "[fixable]", "unsafe": "[unsafe fix]"}
-_CONTROL = dict.fromkeys((7, 8, 11, 12, 13))  # bell, backspace, vt, ff, cr: never sent to a terminal
+# Tensor names and messages come from untrusted headers: control characters (an ESC sequence
+# could rewrite the terminal) are shown as \xNN, never sent raw.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c != 9}
+
+
+def _printable(text: str) -> str:
+    return text.translate(_CONTROL)
 
 
 def render(report: Report, *, color: bool = False, quiet: bool = False, statistics: bool = False, **_) -> str:
@@ -22,8 +28,8 @@ def render(report: Report, *, color: bool = False, quiet: bool = False, statisti
     instead of the findings; color: ANSI styles, never when NO_COLOR is set."""
     if color and "NO_COLOR" not in os.environ:
         return _render_rich(report, quiet, statistics)
-    lines = _lines(report, quiet, statistics, lambda style, text: text, lambda text: text)
-    return "".join(line.translate(_CONTROL) + "\n" for line in lines)
+    lines = _lines(report, quiet, statistics, lambda style, text: text, _printable)
+    return "".join(line + "\n" for line in lines)
 
 
 def _lines(report: Report, quiet: bool, statistics: bool, mark: Callable[[str, str], str],
@@ -59,6 +65,7 @@ def _render_rich(report: Report, quiet: bool, statistics: bool) -> str:
     buf = io.StringIO()
     con = Console(file=buf, force_terminal=True, width=int(os.environ.get("COLUMNS", 120)),
                   highlight=False, soft_wrap=True, emoji=False)
-    for line in _lines(report, quiet, statistics, lambda style, text: f"[{style}]{text}[/]", escape):
+    for line in _lines(report, quiet, statistics, lambda style, text: f"[{style}]{text}[/]",
+                       lambda text: escape(_printable(text))):
         con.print(line)
     return buf.getvalue()
