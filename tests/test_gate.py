@@ -439,3 +439,15 @@ def test_text_never_sends_control_characters_from_a_header(tmp_path, color):
     out = render(lint(tmp_path, select=["SFT002"]), "text", color=color)
     assert "w\\x1b[2J\\x0d: " in out
     assert "\x1b[2J" not in out and "\r" not in out
+
+
+def test_action_matches_the_github_action_schema():
+    # SchemaStore's schema for action.yml, as vendored by check-jsonschema (an optional test dep).
+    cj = pytest.importorskip("check_jsonschema")
+    import jsonschema
+    schema = json.loads((Path(cj.__file__).parent / "builtin_schemas" / "vendor" / "github-actions.json").read_text())
+    action = _load_yaml(ROOT / "action.yml")
+    jsonschema.validate(action, schema)
+    action["runs"]["using"] = "compose"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(action, schema)
