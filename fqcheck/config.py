@@ -36,6 +36,14 @@ class Config:
     deep: bool | None = None
     arch: bool | None = None
 
+    def lint_options(self) -> dict:
+        """Keyword arguments for fqcheck.lint() holding what this file sets."""
+        out: dict = {"severity_overrides": dict(self.severity), "rules_dirs": list(self.rules)}
+        for key in ("select", "ignore", "deep", "arch"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
 
 def _table(path: Path) -> dict | None:
     """The fqcheck table of one file, or None when the file does not configure fqcheck."""

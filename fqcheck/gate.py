@@ -47,9 +47,8 @@ def lint_command(paths: Sequence[Path], *, select=None, ignore=None, fmt: str = 
     except ConfigError as e:
         return _error(f"config error: {e}")
     # Each flag given on the command line replaces the config file's value.
-    options = dict(select=_split(select) or cfg.select, ignore=_split(ignore) or cfg.ignore,
-                   deep=bool(cfg.deep if deep is None else deep), arch=bool(cfg.arch if arch is None else arch),
-                   rules_dirs=rules or cfg.rules, severity_overrides=cfg.severity)
+    flags = dict(select=_split(select), ignore=_split(ignore), deep=deep, arch=arch, rules_dirs=rules)
+    options = {**cfg.lint_options(), **{k: v for k, v in flags.items() if v not in (None, [])}}
     fail_on = fail_on or cfg.fail_on or "error"
     try:
         with _progress(quiet, paths):

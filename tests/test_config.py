@@ -144,3 +144,12 @@ def test_deep_from_config_and_no_deep_flag(damaged, tmp_path, monkeypatch):
     r = run_cli("lint", damaged, "-f", "json")
     assert r.exit_code == 1 and json.loads(r.stdout)["summary"]["statistics"] == {"USR002": 1}
     assert run_cli("lint", damaged, "--no-deep").exit_code == 0
+
+
+def test_api_with_the_project_config(damaged, tmp_path, monkeypatch):
+    import fqcheck
+    write(tmp_path / "proj" / "fqcheck.toml", 'select = ["SFT"]\n[severity]\nSFT004 = "warning"\n')
+    monkeypatch.chdir(tmp_path / "proj")
+    report = fqcheck.lint(damaged, **resolve().lint_options())
+    assert [(f.code, f.severity) for f in report.findings] == [("SFT004", "warning")] and report.ok
+    assert json.loads(run_cli("lint", damaged, "-f", "json").stdout)["findings"] == [f.as_dict() for f in report.findings]
