@@ -1,30 +1,43 @@
-"""The Python API; the CLI is built on it. `lint(path) -> Report`."""
+"""The Python API; the CLI is built on it.
+
+    report = fqcheck.lint("./export")
+    if not report.ok:
+        raise SystemExit(report.to_json())
+"""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from . import engine
-from .catalog import load_catalog
+from .catalog import SEVERITIES, Rule, load_catalog
 from .checkpoint import Checkpoint
+from .config import FAIL_ON
 from .engine import SEVERITY_RANK, Finding
 
-FAIL_ON = ("error", "warning", "never")
+__all__ = ["FAIL_ON", "Finding", "Report", "lint"]
 
 
 @dataclass
 class Report:
+    """What one lint found. Findings are sorted by file, then severity (errors first), then code."""
     path: str
     findings: list[Finding] = field(default_factory=list)
     rules_run: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # e.g. an interrupted fix finished before linting
+    rules: dict[str, Rule] = field(default_factory=dict, repr=False, compare=False)
+    """The rules that ran, with severity overrides applied (formatters describe them)."""
+    notes: list[str] = field(default_factory=list)
+    """E.g. an interrupted fix that was finished before linting."""
 
     def count(self, severity: str) -> int:
+        """Number of findings of one severity ("error", "warning" or "info")."""
         return sum(f.severity == severity for f in self.findings)
 
     def failed(self, fail_on: str = "error") -> bool:
+        """True when a finding is at or above `fail_on` ("error", "warning"; "never" never fails)."""
         if fail_on == "never":
             return False
         floor = SEVERITY_RANK[fail_on]
@@ -35,15 +48,20 @@ class Report:
         """True when no finding is an error."""
         return not self.failed("error")
 
+    def statistics(self) -> dict[str, int]:
+        """Number of findings per rule code, codes in order."""
+        return dict(sorted(Counter(f.code for f in self.findings).items()))
+
     def summary(self) -> dict:
         return {"path": self.path, "errors": self.count("error"), "warnings": self.count("warning"),
                 "infos": self.count("info"), "fixable": sum(f.fixable != "no" for f in self.findings),
-                "rules_run": len(self.rules_run)}
+                "rules_run": len(self.rules_run), "statistics": self.statistics()}
 
     def as_dict(self) -> dict:
         return {"findings": [f.as_dict() for f in self.findings], "summary": self.summary()}
 
     def to_json(self, indent: int | None = 2) -> str:
+        """The report as JSON: {"findings": [...], "summary": {...}} (what `-f json` prints)."""
         return json.dumps(self.as_dict(), indent=indent)
 
 
@@ -53,13 +71,27 @@ def levels_for(deep: bool = False, arch: bool = False) -> tuple[str, ...]:
 
 def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Sequence[str] | None = None,
          deep: bool = False, arch: bool = False, rules_dirs: Iterable[str | Path] = (),
-         device: str = "auto", quiet: bool = False, recover: bool = True) -> Report:
-    """Lint a checkpoint directory (or one .safetensors/.bin file). With `recover`, a fix that was
-    interrupted (journal or lock left in .fqcheck/) is first finished or rolled back.
+         device: str = "auto", severity_overrides: Mapping[str, str] | None = None,
+         quiet: bool = False, recover: bool = True) -> Report:
+    """Lint a checkpoint directory (or one .safetensors/.bin file).
 
-    Raises CheckpointError for a path that is not a checkpoint, CatalogError for a bad user rule.
+    select / ignore: rule codes or prefixes ("QNT", "IDX001"); deep: also read tensor data;
+    arch: also build the model from config.json on the meta device; rules_dirs: folders of extra
+    declarative rules; device: where deep checks run (auto, cpu, cuda[:N]); quiet: no progress
+    bar; recover: first finish or roll back a fix that was interrupted (journal left in .fqcheck/);
+    severity_overrides: {"CODE": "error"|"warning"|"info"}, applied to every
+    finding of that rule (as `[tool.fqcheck.severity]` does).
+
+    Raises CheckpointError for a path that is not a checkpoint, CatalogError for a bad user rule,
+    ValueError for an unknown code or severity in severity_overrides.
     """
     catalog = load_catalog(tuple(rules_dirs))
+    overrides = {c.upper(): s for c, s in (severity_overrides or {}).items()}
+    for code, sev in overrides.items():
+        if code not in catalog:
+            raise ValueError(f"severity override for unknown rule code {code!r}")
+        if sev not in SEVERITIES:
+            raise ValueError(f"severity override {code} = {sev!r}: expected one of {', '.join(SEVERITIES)}")
     rules = engine.select_rules(catalog, select, ignore, levels_for(deep, arch))
     ckpt = Checkpoint.open(path)
     notes = []
@@ -75,5 +107,6 @@ def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Seque
                 notes.append(done)
                 ckpt = Checkpoint.open(path)
     # quiet: no progress bar on stderr (deep pass); deep: lets a header rule add its deep half.
-    findings = engine.run(ckpt, rules, {"device": device, "deep": deep, "quiet": quiet})
-    return Report(str(path), findings, [r.code for r in rules], notes)
+    findings = engine.run(ckpt, rules, {"device": device, "deep": deep, "quiet": quiet}, severity=overrides)
+    effective = {r.code: replace(r, severity=overrides[r.code]) if r.code in overrides else r for r in rules}
+    return Report(str(path), findings, [r.code for r in rules], effective, notes)

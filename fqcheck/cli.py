@@ -1,8 +1,6 @@
 """Command line: a thin typer app over fqcheck.api."""
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,10 +19,6 @@ def _fail(message: str) -> "typer.Exit":
     return typer.Exit(EXIT_ERROR)
 
 
-def _split(values: Optional[List[str]]) -> list[str]:
-    return [p for v in values or [] for p in v.split(",") if p.strip()]
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"fqcheck {__version__}")
@@ -39,28 +33,29 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 @app.command()
 def lint(
-    path: Path = typer.Argument(..., help="Checkpoint directory, or one .safetensors/.bin file."),
+    paths: List[Path] = typer.Argument(..., help="Checkpoint directories, or .safetensors/.bin files."),
     select: Optional[List[str]] = typer.Option(None, "--select", help="Codes or prefixes to run (QNT,IDX001)."),
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Codes or prefixes to skip."),
-    fmt: str = typer.Option("text", "--format", "-f", help="text or json."),
-    fail_on: str = typer.Option("error", "--fail-on", help="error, warning or never."),
+    fmt: str = typer.Option("text", "--format", "-f", help="text, json, sarif, github or junit."),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="error (default), warning or never."),
     exit_zero: bool = typer.Option(False, "--exit-zero", help="Exit 0 even when findings fail the run."),
-    deep: bool = typer.Option(False, "--deep", help="Also read tensor data (slower)."),
-    arch: bool = typer.Option(False, "--arch", help="Also check tensors against the architecture in config.json."),
+    deep: Optional[bool] = typer.Option(None, "--deep/--no-deep", help="Also read tensor data (slower)."),
+    arch: Optional[bool] = typer.Option(None, "--arch/--no-arch", help="Also check tensors against the architecture in config.json."),
     rules: Optional[List[Path]] = typer.Option(None, "--rules", help="Extra folder of declarative rules."),
     output_file: Optional[Path] = typer.Option(None, "--output-file", "-o", help="Write the report here."),
-    statistics: bool = typer.Option(False, "--statistics", help="Print a count per code."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the summary (text format)."),
-    device: str = typer.Option("auto", "--device", help="Deep checks' device: auto, cpu or cuda[:N]."),
+    statistics: bool = typer.Option(False, "--statistics", help="Text: a count per code instead of the findings."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Findings only: no summary line, no progress."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config file (default: fqcheck.toml or "
+                                          "pyproject.toml \\[tool.fqcheck], found from the current directory up)."),
+    device: str = typer.Option("auto", "--device", help="Where deep checks run: auto, cpu or cuda[:N]."),
 ) -> None:
     """Report what is wrong with a checkpoint. Exit 0 clean, 1 findings, 2 usage or internal error."""
-    from .launch import lint_command  # shared with the typer-free fast path of fqcheck.launch
+    from .gate import lint_command
 
-    raise typer.Exit(lint_command(path, select=select, ignore=ignore, fmt=fmt, fail_on=fail_on,
-                                  exit_zero=exit_zero, deep=deep, arch=arch, rules=rules,
-                                  output_file=output_file, statistics=statistics, quiet=quiet,
+    raise typer.Exit(lint_command(paths, select=select, ignore=ignore, fmt=fmt, fail_on=fail_on,
+                                  exit_zero=exit_zero, deep=deep, arch=arch, rules=rules, output_file=output_file,
+                                  statistics=statistics, quiet=quiet, config=config,
                                   device=device))
-
 
 
 @app.command("rules")

@@ -100,21 +100,26 @@ def select_rules(catalog: dict[str, Rule], select=None, ignore=None, levels=("he
     return out
 
 
-def run(ckpt: Checkpoint, rules: list[Rule], options: dict | None = None) -> list[Finding]:
+def run(ckpt: Checkpoint, rules: list[Rule], options: dict | None = None,
+        severity: dict[str, str] | None = None) -> list[Finding]:
+    """Run `rules` over `ckpt`; `severity` maps a code to a user override that beats the rule's
+    default and any per-finding severity."""
     # Parsing ~90k header entries allocates ~1M container objects and no cycles: the cyclic GC
     # would re-scan them all a few times (~0.1 s on a DeepSeek-R1 layout), so it pauses here.
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _run(ckpt, rules, options)
+        return _run(ckpt, rules, options, severity)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _run(ckpt: Checkpoint, rules: list[Rule], options: dict | None) -> list[Finding]:
+def _run(ckpt: Checkpoint, rules: list[Rule], options: dict | None,
+         severity: dict[str, str] | None) -> list[Finding]:
     _import_checks()
     options = options or {}
+    severity = severity or {}
     findings: list[Finding] = []
     for rule in rules:
         fn = _CHECKS.get(rule.code)
@@ -126,7 +131,7 @@ def _run(ckpt: Checkpoint, rules: list[Rule], options: dict | None) -> list[Find
         try:
             for h in hits:
                 findings.append(Finding(
-                    code=rule.code, severity=h.severity or rule.severity, message=h.message,
+                    code=rule.code, severity=severity.get(rule.code) or h.severity or rule.severity, message=h.message,
                     file=h.file, tensor=h.tensor, fixable=h.fixable or rule.fix, fix=h.fix))
         except Exception as e:  # noqa: BLE001 - a crashing check is our bug, never the user's traceback
             raise CheckCrashed(rule.code, e) from e

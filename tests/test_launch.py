@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from fqcheck import cli, launch
 from fqcheck.api import lint
-from fqcheck.report.text import _render_plain
 
 
 def _shard(path, header: dict, data: bytes = b""):
@@ -73,7 +72,7 @@ def test_missing_path_is_the_same_one_line_error(tmp_path, capsys):
     assert _typer(argv) == (code, out, err)
 
 
-@pytest.mark.parametrize("args", [["--help"], [], ["a", "b"], ["--select"], ["--select", "--deep", "d"],
+@pytest.mark.parametrize("args", [["--help"], [], ["--select"], ["--select", "--deep", "d"],
                                   ["--deep=1", "d"], ["--bogus", "d"], ["-qf", "json", "d"], ["--", "d"]])
 def test_unusual_command_lines_go_to_typer(args):
     assert launch.parse_lint_args(args) is None
@@ -81,10 +80,13 @@ def test_unusual_command_lines_go_to_typer(args):
 
 def test_parse_lint_args_values(tmp_path):
     kw = launch.parse_lint_args(["d", "--select", "QNT", "--select=IDX001", "-o", "out.txt", "--rules", "r1",
-                                 "--deep", "-q"])
-    assert kw["select"] == ["QNT", "IDX001"] and kw["ignore"] is None and kw["deep"] and kw["quiet"]
-    assert str(kw["path"]) == "d" and str(kw["output_file"]) == "out.txt" and [str(p) for p in kw["rules"]] == ["r1"]
-    assert kw["fmt"] == "text" and kw["fail_on"] == "error" and not kw["arch"]
+                                 "--deep", "-q", "e", "--no-arch", "--device", "cpu"])
+    assert kw["select"] == ["QNT", "IDX001"] and kw["ignore"] is None and kw["deep"] is True and kw["quiet"]
+    assert [str(p) for p in kw["paths"]] == ["d", "e"] and str(kw["output_file"]) == "out.txt"
+    assert [str(p) for p in kw["rules"]] == ["r1"] and kw["device"] == "cpu" and kw["config"] is None
+    # fail_on, deep and arch stay None unless given, so that the config file can set them
+    assert kw["fmt"] == "text" and kw["fail_on"] is None and kw["arch"] is False
+    assert launch.parse_lint_args(["d"])["deep"] is None
 
 
 def test_option_table_matches_the_typer_command():
@@ -96,7 +98,8 @@ def test_option_table_matches_the_typer_command():
         if isinstance(info, typer.models.OptionInfo):
             declared[name] = tuple(info.param_decls)
     assert declared == {k: flags for k, (flags, _) in launch.LINT_OPTIONS.items()}
-    assert set(inspect.signature(launch.lint_command).parameters) == {"path", *declared}
+    from fqcheck.gate import lint_command
+    assert set(inspect.signature(lint_command).parameters) == {"paths", *declared}
 
 
 def test_lint_fast_path_imports_no_typer_rich_jsonschema_or_torch(broken):
@@ -113,13 +116,15 @@ def test_plain_text_is_what_rich_prints(broken):
     from rich.console import Console
     from rich.markup import escape
 
+    from fqcheck.report import text
+
     report = lint(broken)
     assert {f.code for f in report.findings} >= {"SFT002", "SFT006"}
     for quiet, stats in ((False, False), (False, True), (True, False)):
         buf = io.StringIO()  # the no-colour console fqcheck used before the plain writer
         con = Console(file=buf, force_terminal=False, no_color=True, width=120, highlight=False,
                       soft_wrap=True, emoji=False)
-        from fqcheck.report import text
-        for line in text._lines(report, quiet, stats, lambda style, t: f"[{style}]{t}[/]", escape):
+        for line in text._lines(report, quiet, stats, lambda style, t: f"[{style}]{t}[/]",
+                                lambda t: escape(text._printable(t))):
             con.print(line)
-        assert _render_plain(report, quiet, stats) == buf.getvalue()
+        assert text.render(report, color=False, quiet=quiet, statistics=stats) == buf.getvalue()

@@ -1,44 +1,55 @@
-"""Terminal output: findings grouped by file, then a one-line summary.
+"""Terminal output: findings grouped by file, then a one-line summary (ruff's layout).
 
-With colour (a terminal) it is drawn by rich. Without (a pipe, CI logs, --output-file) the same
-lines are written directly: importing rich costs ~50 ms, a tenth of a large lint's budget.
+rich draws it only with colour (a terminal without NO_COLOR); otherwise the same lines are
+written directly, since importing rich costs ~50 ms of a large lint's one-second budget.
 """
 from __future__ import annotations
 
 import io
 import os
 from itertools import groupby
+from typing import Callable, Iterator
 
 from ..api import Report
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-# rich drops these control characters from printed text; the plain writer does the same.
-_STRIP = dict.fromkeys((7, 8, 11, 12, 13))
+_FIX = {"safe": "[fixable]", "unsafe": "[unsafe fix]"}
+# Tensor names and messages come from untrusted headers: control characters (an ESC sequence
+# could rewrite the terminal) are shown as \xNN, never sent raw.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c != 9}
 
 
-def render(report: Report, *, color: bool | None = None, quiet: bool = False, statistics: bool = False) -> str:
-    if color:
+def _printable(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
+def render(report: Report, *, color: bool = False, quiet: bool = False, statistics: bool = False, **_) -> str:
+    """quiet: findings only, no summary (nothing at all when clean); statistics: a count per code
+    instead of the findings; color: ANSI styles, never when NO_COLOR is set."""
+    if color and "NO_COLOR" not in os.environ:
         return _render_rich(report, quiet, statistics)
-    return _render_plain(report, quiet, statistics)
+    lines = _lines(report, quiet, statistics, lambda style, text: text, _printable)
+    return "".join(line + "\n" for line in lines)
 
 
-def _lines(report: Report, quiet: bool, statistics: bool, mark, esc):
-    """The report as lines; `mark(style, text)` applies a style, `esc` escapes plain text."""
-    if not quiet:
+def _lines(report: Report, quiet: bool, statistics: bool, mark: Callable[[str, str], str],
+           esc: Callable[[str], str]) -> Iterator[str]:
+    """The report as lines; `mark(style, text)` styles text, `esc` escapes what came from the file."""
+    if statistics:
+        for code, n in report.statistics().items():
+            rule = report.rules.get(code)
+            fix = " [*]" if any(f.fixable == "safe" for f in report.findings if f.code == code) else ""
+            yield f"{n:>6}  {code}{esc(fix)}  {rule.name if rule else ''}".rstrip()
+    else:
         for fname, group in groupby(report.findings, key=lambda f: f.file or ""):
             yield mark("bold", esc(fname or report.path))
             for f in group:
                 where = f"{esc(f.tensor)}: " if f.tensor else ""
-                fix = (" " + mark("dim", esc("[fixable]")) if f.fixable == "safe" else
-                       " " + mark("dim", esc("[unsafe fix]")) if f.fixable == "unsafe" else "")
+                fix = " " + mark("dim", esc(_FIX[f.fixable])) if f.fixable in _FIX else ""
                 yield f"  {mark(_STYLE[f.severity], f.code)} {f.severity:<7} {where}{esc(f.message)}{fix}"
+    if quiet:
+        return
     s = report.summary()
-    if statistics and report.findings:
-        counts: dict[str, int] = {}
-        for f in report.findings:
-            counts[f.code] = counts.get(f.code, 0) + 1
-        for code, n in sorted(counts.items()):
-            yield f"{n:>6}  {code}"
     if not report.findings:
         yield f"{mark('green', '✓')} {esc(report.path)}: no findings ({s['rules_run']} rules)"
     else:
@@ -47,18 +58,14 @@ def _lines(report: Report, quiet: bool, statistics: bool, mark, esc):
                f"{s['infos']} info{fixable} ({s['rules_run']} rules)")
 
 
-def _render_plain(report: Report, quiet: bool, statistics: bool) -> str:
-    lines = _lines(report, quiet, statistics, lambda style, text: text, lambda text: text)
-    return "".join(line.translate(_STRIP) + "\n" for line in lines)
-
-
 def _render_rich(report: Report, quiet: bool, statistics: bool) -> str:
     from rich.console import Console
     from rich.markup import escape
 
     buf = io.StringIO()
-    con = Console(file=buf, force_terminal=True, no_color="NO_COLOR" in os.environ, width=int(os.environ.get("COLUMNS", 120)),
+    con = Console(file=buf, force_terminal=True, width=int(os.environ.get("COLUMNS", 120)),
                   highlight=False, soft_wrap=True, emoji=False)
-    for line in _lines(report, quiet, statistics, lambda style, text: f"[{style}]{text}[/]", escape):
+    for line in _lines(report, quiet, statistics, lambda style, text: f"[{style}]{text}[/]",
+                       lambda text: escape(_printable(text))):
         con.print(line)
     return buf.getvalue()

@@ -1,0 +1,27 @@
+"""GitHub Actions workflow commands: one `::error file=...,title=CODE::message` line per finding,
+which the runner turns into annotations on the run and the pull request."""
+from __future__ import annotations
+
+from ..api import Report
+from .paths import locator
+
+COMMAND = {"error": "error", "warning": "warning", "info": "notice"}
+
+
+def escape_data(s: str) -> str:
+    """Escape a command's message as @actions/core does."""
+    return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def escape_property(s: str) -> str:
+    """Escape a property value (file=, title=): also ':' and ','."""
+    return escape_data(s).replace(":", "%3A").replace(",", "%2C")
+
+
+def render(report: Report, **_) -> str:
+    lines, locate = [], locator(report)
+    for f in report.findings:
+        where = f"{f.tensor}: " if f.tensor else ""
+        props = f"file={escape_property(locate(f))},title={escape_property(f.code)}"
+        lines.append(f"::{COMMAND[f.severity]} {props}::{escape_data(f'{f.code} {where}{f.message}')}")
+    return "".join(line + "\n" for line in lines)
