@@ -26,7 +26,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 

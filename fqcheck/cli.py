@@ -1,6 +1,8 @@
 """Command line: a thin typer app over fqcheck.api."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -113,6 +115,7 @@ def fix(
     from .checkpoint import CheckpointError
     from .engine import CheckCrashed
     from .fix.runner import FixError, FixRefused, fix as run_fix
+    from .gate import _split
 
     try:
         res = run_fix(path, unsafe_fixes=unsafe_fixes, dry_run=dry_run, output=output,

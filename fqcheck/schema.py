@@ -153,7 +153,8 @@ def schema_errors(data, schema_file: str | Path, limit: int = 20) -> list[str]:
     out = []
     for e in sorted(_validator(schema_file).iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
         where = "/".join(map(str, e.absolute_path)) or "(root)"
-        out.append(f"{where}: {e.message[:300]}")
+        msg = e.message if len(e.message) <= 300 else e.message[:150] + " ... " + e.message[-150:]
+        out.append(f"{where}: {msg}")  # both ends: a huge value in front, the verdict at the back
         if len(out) >= limit:
             break
     return out

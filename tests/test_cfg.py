@@ -1,5 +1,4 @@
 """CFG rules on configs written by transformers' own save_pretrained, then damaged as exports do."""
-import json
 
 import pytest
 import torch

@@ -7,10 +7,9 @@ import struct
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import fqcheck
-from builders import leak_quantizer_state, read_index, save_shard
+from builders import leak_quantizer_state, read_index
 from fixhelp import damage, files_stat, leak_rules, loads_cleanly, run_cli, state, strip_metadata
 from fqcheck.checkpoint import BACKUP_DIR, Checkpoint
 from fqcheck.engine import Finding

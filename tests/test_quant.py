@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fqcheck.quant.formats import (QuantSpec, differing, fake_fp8_e4m3, fake_int, fake_int_block, fake_nvfp4,
-                                   fold, off_grid, off_grid_count, off_grid_fraction, resolve_device)
+                                   fold, off_grid_count, off_grid_fraction, resolve_device)
 
 NAN = float("nan")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

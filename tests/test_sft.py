@@ -1,10 +1,6 @@
 """SFT rules: the strict header reader against real and byte-built safetensors files."""
-import json
-import struct
 
-import pytest
 import torch
-from safetensors import safe_open
 
 from builders import raw_safetensors, save_shard
 from fqcheck.api import lint

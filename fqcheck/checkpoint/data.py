@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import mmap
-from pathlib import Path
 
 from .safetensors import SafetensorsHeader, TensorEntry
 

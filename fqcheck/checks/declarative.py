@@ -9,6 +9,7 @@ from typing import Iterator
 from ..catalog import CatalogError, Rule, rules_dir
 from ..checkpoint import Checkpoint, load_json
 from ..engine import Hit
+from ..fix.edits import DropJsonKey, DropTensor
 
 
 def evaluate(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:
@@ -44,7 +45,9 @@ def _tensor_pattern(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:
     for fname, h in ckpt.headers().items():
         for t in h.tensors:
             if rx.search(t):
-                yield Hit(_message(rule, tensor=t, file=fname), file=fname, tensor=t)
+                # a fixable tensor-pattern rule is fixed by dropping the tensor (and its index entry)
+                fix = DropTensor(fname, t) if rule.fix != "no" else None
+                yield Hit(_message(rule, tensor=t, file=fname), file=fname, tensor=t, fix=fix)
 
 
 def _config_key(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:
@@ -56,7 +59,9 @@ def _config_key(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:
         if not isinstance(node, dict) or part not in node:
             return
         node = node[part]
-    yield Hit(_message(rule, key=rule.match["config_key"], file=cfg.name), file=cfg.name)
+    key = rule.match["config_key"]
+    fix = DropJsonKey(cfg.name, key) if rule.fix != "no" and "." not in key else None
+    yield Hit(_message(rule, key=key, file=cfg.name), file=cfg.name, fix=fix)
 
 
 def _json_schema(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:

@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import struct
-from pathlib import Path
 from typing import Callable
 
 from ..checkpoint.safetensors import MAX_HEADER_SIZE, SafetensorsHeader
