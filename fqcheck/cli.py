@@ -108,6 +108,7 @@ def fix(
     deep: bool = typer.Option(False, "--deep", help="Also run the data-reading checks and the re-fold."),
     device: str = typer.Option("auto", "--device", help="Where --deep runs: auto, cpu or cuda:N."),
     rules: Optional[List[Path]] = typer.Option(None, "--rules", help="Extra folder of declarative rules."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Repair what can be repaired, crash-safely. Exit 0 when no error remains, 1 when findings
     remain, 2 when refused (unfixable errors; nothing changed) or on usage/internal errors."""
@@ -120,7 +121,7 @@ def fix(
     try:
         res = run_fix(path, unsafe_fixes=unsafe_fixes, dry_run=dry_run, output=output,
                       backup=not no_backup, select=_split(select), ignore=_split(ignore), deep=deep,
-                      rules_dirs=rules or (), device=device)
+                      rules_dirs=rules or (), device=device, quiet=quiet)
     except FixRefused as e:
         typer.echo(f"fqcheck: {e}", err=True)
         raise typer.Exit(EXIT_ERROR)

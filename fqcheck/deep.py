@@ -9,9 +9,9 @@ so resident memory stays bounded by a window, not by a shard.
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import os
-import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -21,13 +21,13 @@ from .checkpoint import Checkpoint
 from .checkpoint import safetensors as st
 from .checkpoint.data import ShardData
 from .engine import Hit
+from .progress import bar as progress_bar
 
 CHUNK_BYTES = 64 << 20   # one mmap window; resident memory is bounded by this
 BLOCK_BYTES = 1 << 20    # numpy works on cache-sized blocks inside a window
 SAMPLE_BYTES = 4096      # fingerprint: this many bytes at the head, the tail and 14 points between
 SAMPLES = 16
 WORKERS = 2              # reading threads; resident memory is at most WORKERS x CHUNK_BYTES
-PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar only when there is this much to read
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
@@ -63,10 +63,7 @@ class TensorStats:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class DeepScan:
@@ -136,7 +133,7 @@ def scan(ckpt: Checkpoint, *, chunk_bytes: int = CHUNK_BYTES, progress: bool | N
     workers = max(1, workers or min(WORKERS, os.cpu_count() or 1))
     shards = [(f, h) for f, h in ckpt.headers().items() if scannable(h)]
     total = sum(e.nbytes for _, h in shards for e in h.tensors.values() if e.dtype in FLOAT_BITS)
-    bar = _progress(total, progress)
+    bar = progress_bar("deep scan", total, progress)
     stats: dict[tuple[str, str], TensorStats] = {}
     try:
         for fname, header in shards:
@@ -255,29 +252,6 @@ def _fingerprint(sd: ShardData, entry: st.TensorEntry) -> bytes:
                 h.update(mv)
     return h.digest()
 
-
-def _progress(total: int, progress: bool | None):
-    if progress is None:
-        progress = total >= PROGRESS_MIN_BYTES and sys.stderr.isatty()
-    if not progress or not total:
-        return None
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    p = Progress(TextColumn("deep scan"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-    task = p.add_task("scan", total=total)
-    p.start()
-
-    class _Bar:
-        def advance(self, n: int) -> None:
-            p.advance(task, n)
-
-        def stop(self) -> None:
-            p.stop()
-
-    return _Bar()
 
 
 def scan_for(ckpt: Checkpoint, options: dict) -> DeepScan:

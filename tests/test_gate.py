@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import fqcheck
 from builders import raw_safetensors, save_shard
+from terminal import stderr_on_a_terminal
 from fqcheck.api import lint
 from fqcheck.cli import app
 from fqcheck.report import FORMATS, render
@@ -392,33 +393,13 @@ def test_checkpoint_level_finding_points_at_the_folder(damaged):
     assert GH_LINE.match(line).group(2) == "ckpt"
 
 
-def _stderr_on_a_terminal(args, env):
-    import pty
-    import select
-
-    master, slave = pty.openpty()
-    p = subprocess.run([sys.executable, "-m", "fqcheck", *map(str, args)], stdout=subprocess.PIPE,
-                       stderr=slave, cwd=ROOT, env={**os.environ, **env})
-    os.close(slave)
-    data = b""
-    while select.select([master], [], [], 0.5)[0]:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    os.close(master)
-    return p, data.decode(errors="replace")
-
 
 def test_progress_only_on_a_terminal_and_not_quiet(damaged):
     env = {"NO_COLOR": "1"}
-    p, err = _stderr_on_a_terminal(["lint", damaged, "--select", "SFT"], env)
+    p, err = stderr_on_a_terminal(["-m", "fqcheck", "lint", damaged, "--select", "SFT"], env)
     assert p.returncode == 1 and "fqcheck: linting" in err
     assert "\x1b[" not in p.stdout.decode()  # stdout is a pipe: plain text
-    p, err = _stderr_on_a_terminal(["lint", damaged, "--select", "SFT", "-q"], env)
+    p, err = stderr_on_a_terminal(["-m", "fqcheck", "lint", damaged, "--select", "SFT", "-q"], env)
     assert p.returncode == 1 and err == ""
 
 

@@ -172,12 +172,10 @@ def test_resolve_device():
             resolve_device("cuda:0")
 
 
-# ---- identity with nvidia-modelopt (test-only dependency; skipped where it is not installed) ----
+# ---- identity with nvidia-modelopt (a test dependency: the [test] extra installs it) ----------
 def _modelopt_quantizer(**attrs):
-    mq = pytest.importorskip("modelopt.torch.quantization")
     from modelopt.torch.quantization.config import QuantizerAttributeConfig
     from modelopt.torch.quantization.nn import TensorQuantizer
-    del mq
     return TensorQuantizer(QuantizerAttributeConfig(**attrs))
 
 

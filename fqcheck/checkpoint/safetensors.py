@@ -51,10 +51,7 @@ class TensorEntry(NamedTuple):
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return prod(self.shape)
 
 
 class Problem(NamedTuple):

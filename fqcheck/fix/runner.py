@@ -43,14 +43,16 @@ class FixResult:
 def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = False,
         output: str | os.PathLike | None = None, backup: bool = True,
         select: Sequence[str] | None = None, ignore: Sequence[str] | None = None, deep: bool = False,
-        rules_dirs: Iterable[str | os.PathLike] = (), device: str = "auto") -> FixResult:
-    """Repair a checkpoint. Raises FixRefused (unfixable errors; nothing changed), FixError (I/O
+        rules_dirs: Iterable[str | os.PathLike] = (), device: str = "auto", quiet: bool = False) -> FixResult:
+    """Repair a checkpoint. quiet: no progress bar (it shows only on a terminal, for big rewrites).
+     Raises FixRefused (unfixable errors; nothing changed), FixError (I/O
     failure, rolled back; or locked), CheckpointError (not a checkpoint)."""
     from ..api import lint
 
     ckpt = Checkpoint.open(path)
     root = ckpt.root
-    kw = dict(select=select, ignore=ignore, deep=deep, rules_dirs=tuple(rules_dirs), device=device)
+    kw = dict(select=select, ignore=ignore, deep=deep, rules_dirs=tuple(rules_dirs), device=device, quiet=quiet)
+    enabled = False if quiet else None
 
     def relint():
         return lint(path, recover=False, **kw)
@@ -71,7 +73,7 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
         plan = make_plan(ckpt, report.findings, unsafe_fixes)
         out = Path(output)
         res = FixResult(str(path), plan, output=str(out))
-        res.written = _write_copy(ckpt, plan, out)
+        res.written = _write_copy(ckpt, plan, out, enabled)
         res.retired = list(plan.retire)
         res.remaining = lint(out, recover=False, **kw)
         return res
@@ -88,7 +90,12 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
         if not plan.empty:
             tx = Transaction(root, keep=backup)
             try:
-                _write_new_files(ckpt, plan, tx.new_file, tx.finish_file, tx.write_file)
+                bar = _bar(ckpt, plan.shards, enabled)
+                try:
+                    _write_new_files(ckpt, plan, tx.new_file, tx.finish_file, tx.write_file, bar)
+                finally:
+                    if bar:
+                        bar.stop()
                 for name in plan.retire:
                     tx.retire(name)
             except BaseException as e:
@@ -104,22 +111,31 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
         return res
 
 
-def _write_new_files(ckpt, plan: Plan, new_file, finish_file, write_file) -> None:
+def _bar(ckpt, names: Iterable[str], enabled: bool | None):
+    from ..progress import bar
+    names = list(names)
+    return bar("fix", sum(os.stat(ckpt.path(n)).st_size for n in names), enabled, files=len(names))
+
+
+def _write_new_files(ckpt, plan: Plan, new_file, finish_file, write_file, bar=None) -> None:
     for name in sorted(plan.shards):
         sp = plan.shards[name]
         fd, _ = new_file(name)
         try:
             os.fchmod(fd, stat.S_IMODE(os.stat(ckpt.path(name)).st_mode))  # keep the original's mode
-            write_shard(ckpt.header(name), fd, sp.drop, sp.replace, sp.metadata)
+            size = write_shard(ckpt.header(name), fd, sp.drop, sp.replace, sp.metadata)
         except BaseException:
             os.close(fd)
             raise
         finish_file(fd)
+        if bar:
+            bar.advance(size)
+            bar.file_done()
     for name in sorted(plan.json_files):
         write_file(name, plan.json_files[name])
 
 
-def _write_copy(ckpt, plan: Plan, out: Path) -> list[str]:
+def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None) -> list[str]:
     """--output: build the repaired copy in a sibling temp folder, then rename it into place."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FixError(f"{out}: --output must be a new or empty directory")
@@ -141,19 +157,27 @@ def _write_copy(ckpt, plan: Plan, out: Path) -> list[str]:
             os.write(fd, data)
             finish_file(fd)
 
-        _write_new_files(ckpt, plan, new_file, finish_file, write_file)
         from .shard import copy_range
         skip = set(plan.files_written()) | set(plan.retire)
-        for name in ckpt.names:
-            if name in skip:
-                continue
-            with open(ckpt.path(name), "rb") as src:  # follows links: the copy holds real files
-                fd, _ = new_file(name)
-                try:
-                    copy_range(src.fileno(), fd, 0, 0, os.fstat(src.fileno()).st_size)
-                finally:
-                    os.fsync(fd)
-                    os.close(fd)
+        copied = [n for n in ckpt.names if n not in skip]
+        bar = _bar(ckpt, [*plan.shards, *copied], enabled)
+        try:
+            _write_new_files(ckpt, plan, new_file, finish_file, write_file, bar)
+            for name in copied:
+                with open(ckpt.path(name), "rb") as src:  # follows links: the copy holds real files
+                    fd, _ = new_file(name)
+                    size = os.fstat(src.fileno()).st_size
+                    try:
+                        copy_range(src.fileno(), fd, 0, 0, size)
+                    finally:
+                        os.fsync(fd)
+                        os.close(fd)
+                if bar:
+                    bar.advance(size)
+                    bar.file_done()
+        finally:
+            if bar:
+                bar.stop()
         fsync_dir(tmp)
         if out.exists():
             out.rmdir()
