@@ -102,10 +102,13 @@ class Checkpoint:
         return where
 
     def tensor(self, name: str) -> tuple[str, TensorEntry] | None:
-        files = self.tensor_files.get(name)
-        if not files:
-            return None
-        return files[0], self._headers[files[0]].tensors[name]
+        """The first file (in name order) that holds `name`, and its entry. One dict lookup per
+        shard: no need to build tensor_files (90k names on a large checkpoint) for one tensor."""
+        for fname, h in self._headers.items():
+            e = h.tensors.get(name)
+            if e is not None:
+                return fname, e
+        return None
 
     @cached_property
     def index(self) -> JsonFile | None:

@@ -73,6 +73,14 @@ class SafetensorsHeader:
     def readable(self) -> bool:
         return not any(p.kind == UNREADABLE for p in self.problems)
 
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of tensor data the entries declare, each entry once. A header without problems
+        covers its data buffer exactly (contiguous, no gap, no trailing byte): that size is the sum."""
+        if not self.problems:
+            return self.file_size - self.data_start
+        return sum(e.end - e.begin for e in self.tensors.values())
+
     def problems_of(self, kind: str) -> list[Problem]:
         return [p for p in self.problems if p.kind == kind]
 

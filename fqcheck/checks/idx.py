@@ -277,7 +277,7 @@ def expected_total_size(ckpt: Checkpoint, files: list[str] | None = None) -> int
             return None
         names = h.tensors.keys()
         if seen.isdisjoint(names):  # the usual case: no name repeats across shards
-            total += sum(e.end - e.begin for e in h.tensors.values())
+            total += h.tensor_bytes
         else:
             total += sum(e.end - e.begin for n, e in h.tensors.items() if n not in seen)
         seen.update(names)
@@ -400,8 +400,11 @@ def tensor_not_in_index(ckpt: Checkpoint) -> Iterator[Hit]:
     v = index_view(ckpt)
     if not v.usable:
         return
+    listed = v.weight_map.keys()
     for f, h in _readable(v).items():
-        for t in [t for t in h.tensors if t not in v.weight_map]:
+        if h.tensors.keys() <= listed:  # a set comparison in C: the usual, clean case
+            continue
+        for t in [t for t in h.tensors if t not in listed]:
             yield _hit(f"{t} is stored in {f} but the index does not list it: transformers and vLLM "
                         "still load it with the file, but anything that reads tensor names from the "
                         "index (disk offload, conversion scripts, layer filters) misses it; rebuild the index",

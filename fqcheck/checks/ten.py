@@ -57,7 +57,7 @@ def _tied_header(ckpt: Checkpoint) -> Iterator[Hit]:
         return  # unreadable shard: what it holds is unknown (SFT001)
     head = ckpt.tensor(LM_HEAD)
     if tie is False and head is None:
-        embed = next((n for n in EMBED_NAMES if n in ckpt.tensor_files), None)
+        embed = next((n for n in EMBED_NAMES if ckpt.tensor(n) is not None), None)
         if embed is None:
             return  # not a decoder layout we know; ARC rules cover the rest
         if _indexed(ckpt, LM_HEAD):
@@ -66,7 +66,7 @@ def _tied_header(ckpt: Checkpoint) -> Iterator[Hit]:
                   f"transformers leaves lm_head randomly initialised (missing key), vLLM fails to load it",
                   file=cfg.name, tensor=LM_HEAD)
     elif tie is True and head is not None:
-        embed = next((n for n in EMBED_NAMES if n in ckpt.tensor_files), None)
+        embed = next((n for n in EMBED_NAMES if ckpt.tensor(n) is not None), None)
         if embed is None:
             return
         hfile, h = head
