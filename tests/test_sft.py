@@ -66,3 +66,22 @@ def test_sft006_format_not_pt(tmp_path):
     r = lint(tmp_path, select=["SFT"])
     assert codes(r) == [("SFT006", "model.safetensors", None)]
     assert r.findings[0].fixable == "safe"
+
+
+def test_sft006_null_metadata_is_fixed_to_pt(tmp_path):
+    """safetensors loads `"__metadata__": null` (as absent); transformers then lacks format=pt."""
+    from safetensors import safe_open
+
+    import fqcheck
+
+    data = torch.arange(4, dtype=torch.float32).numpy().tobytes()
+    raw_safetensors(tmp_path / "model.safetensors",
+                    {"__metadata__": None, "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, data)
+    r = lint(tmp_path, select=["SFT"])
+    assert codes(r) == [("SFT006", "model.safetensors", None)]
+    assert r.findings[0].message.startswith("__metadata__ is null;")
+    res = fqcheck.fix(tmp_path, select=["SFT"], backup=False)
+    assert res.ok and not res.remaining.findings
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert f.get_tensor("w").numpy().tobytes() == data

@@ -256,8 +256,9 @@ def _parse_slow(hdr: SafetensorsHeader, text: str) -> None:
 
 
 def _check_metadata(hdr: SafetensorsHeader, meta) -> None:
-    if meta is _MISSING:
-        hdr.problems.append(Problem(METADATA, "__metadata__ is missing; transformers expects {\"format\": \"pt\"}"))
+    if meta is _MISSING or meta is None:  # the reference reader takes null as absent
+        what = "missing" if meta is _MISSING else "null"
+        hdr.problems.append(Problem(METADATA, f"__metadata__ is {what}; transformers expects {{\"format\": \"pt\"}}"))
         return
     if isinstance(meta, dict):
         meta.pop(_DUPS, None)  # a repeated metadata key: the reference reader keeps the last, so do we
