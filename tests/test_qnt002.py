@@ -190,3 +190,30 @@ def test_header_only_lint_does_not_import_torch(tmp_path):
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("fmt,num_bits", [("mxfp8", (4, 3)), ("mxfp4", (2, 1))])
+def test_mx_weight_left_unquantized_is_found_and_refolded_without_any_amax(tmp_path, fmt, num_bits):
+    """MX scales come from the weight alone: the state naming the format is enough (no _amax)."""
+    import fqcheck
+
+    bs = {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}
+    spec = QuantSpec(fmt, None, block_size=32)
+    d = fq_export(tmp_path / "x", unfolded={RAW}, leak=False, spec_of=lambda w: spec,
+                  cfg=quant_cfg({"num_bits": num_bits, "block_sizes": bs}))
+    path = d / "vllm_fq_modelopt_state.pth"
+    state = torch.load(path, weights_only=True)
+    qs = state["modelopt_state_dict"][0][1]["metadata"]["quantizer_state"]
+    for m in linear_modules():  # weight quantizers kept in the state, disabled after the fold
+        qs[f"{m}.weight_quantizer"] = {**qs[f"{m}.input_quantizer"], "_num_bits": num_bits,
+                                       "_block_sizes": bs, "_disabled": True}
+    torch.save(state, path)
+    [f] = qnt002(d)
+    assert f.tensor == RAW and fmt.upper() in f.message and "scales from the weight itself" in f.message
+    before = load_shard(d / "model.safetensors")
+    res = fqcheck.fix(d, deep=True, select=["QNT002"], backup=False)
+    assert res.ok and [a.code for a in res.applied] == ["QNT002"]
+    after = load_shard(d / "model.safetensors")
+    assert torch.equal(after[RAW], fold(before[RAW], spec))
+    assert all(torch.equal(after[k].view(torch.uint8), before[k].view(torch.uint8)) for k in before if k != RAW)
+    assert qnt002(d) == []

@@ -260,3 +260,104 @@ def test_cuda_bit_identical_to_modelopt_kernels(dtype):
             elif n:
                 bad[f"{spec.name} seed {seed}"] = n
     assert not bad, bad
+
+
+# ---- MXFP8 / MXFP4: power-of-two E8M0 block scales from the block alone ---------------------------
+E2M1_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def _e4m3_grid():
+    """Every non-negative finite E4M3 value, in code order (the index parity is the mantissa LSB)."""
+    out = []
+    for code in range(0x7F):  # 0x7f is NaN
+        exp, man = code >> 3, code & 7
+        out.append(man * 2.0 ** -9 if exp == 0 else (1 + man / 8) * 2.0 ** (exp - 7))
+    return out
+
+
+def _f32(v: float) -> float:
+    import struct
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+def _ref_mx_block(vals, grid):
+    """One MX block by the OCP definition, written independently of fqcheck: ceil(log2(float32
+    (bmax / elem_max))) clamped to [-127, 127] via frexp; round half to even on the element grid."""
+    bmax = max(min(abs(v), 3.4028234663852886e38) for v in vals)
+    e = 0
+    if bmax != 0 and math.isfinite(bmax):
+        m, ex = math.frexp(_f32(bmax / grid[-1]))
+        e = min(127, max(-127, ex - 1 if m == 0.5 else ex))
+    out = []
+    for v in vals:
+        a = abs(v) * 2.0 ** -e
+        i = min(range(len(grid)), key=lambda k: (abs(grid[k] - a), k % 2))  # nearest, ties to even
+        q = grid[-1] if a > grid[-1] else grid[i]
+        out.append(q * 2.0 ** e if v > 0 else -q * 2.0 ** e)  # modelopt's kernel: zeros come out -0.0
+    return out
+
+
+def test_mx_hand_computed_cases():
+    from fqcheck.quant.formats import fake_mx
+    # bmax 448 -> ratio 1 -> scale 1: plain E4M3 (0.3 -> 0.3125); bmax 449 -> ratio just above 1 ->
+    # unscale 2: 449 -> 224.5*2 -> 224*2 = 448, 1.0 -> 0.5 -> 1.0; a negative value rounded to zero,
+    # and any zero, is -0.0 (the sign modelopt's kernel gives them)
+    x = torch.zeros(3, 32)
+    x[0, :3] = t(448.0, 0.3, -1e-6)
+    x[1, :2] = t(449.0, 1.0)
+    got = fake_mx(x, "mxfp8")
+    assert got[0, :3].tolist() == [448.0, 0.3125, -0.0] and math.copysign(1, got[0, 2]) == -1
+    assert got[1, :2].tolist() == [448.0, 1.0] and got[2].eq(0).all() and torch.signbit(got[2]).all()
+    # MXFP4: bmax 6 -> scale 1: 5 ties to 4, 2.5 ties to 2; bmax 7 -> unscale 2: 7 -> 3.5 ties up to 4 -> 8
+    y = torch.zeros(2, 32)
+    y[0, :3] = t(6.0, 5.0, 2.5)
+    y[1, :2] = t(7.0, -0.7)
+    got = fake_mx(y, "mxfp4")
+    assert got[0, :3].tolist() == [6.0, 4.0, 2.0] and got[1, :2].tolist() == [8.0, -1.0]
+
+
+@pytest.mark.parametrize("fmt,grid", [("mxfp8", _e4m3_grid()), ("mxfp4", E2M1_GRID)])
+def test_mx_matches_an_independent_reference(fmt, grid):
+    from fqcheck.quant.formats import fake_mx
+    g = torch.Generator().manual_seed(7)
+    rows = []
+    for scale in (1e-30, 2.0 ** -130, 1e-3, 1.0, 448.0, 3e4, 1e38):  # subnormal ratios to the top binade
+        rows.append(torch.randn(40, generator=g) * scale)  # 40: one full block and one padded block
+    x = torch.stack(rows).to(torch.float32)
+    x[1, 5] = -0.0
+    got = fake_mx(x, fmt)
+    for r in range(x.shape[0]):
+        vals = x[r].tolist()
+        want = _ref_mx_block(vals[:32], grid) + _ref_mx_block(vals[32:], grid)
+        same(got[r], torch.tensor(want, dtype=torch.float32))
+
+
+def test_mx_fold_is_idempotent_and_on_its_grid():
+    for fmt in ("mxfp8", "mxfp4"):
+        spec = QuantSpec(fmt, None, block_size=32)
+        w = (torch.randn(16, 96) * 0.02).to(torch.bfloat16)
+        once = fold(w, spec)
+        # by value: a folded -0.0 folds to +0.0 (the kernel's sign is -1 only for x < 0)
+        assert torch.equal(fold(once, spec), once) and off_grid_count(once, spec) == 0 and off_grid_fraction(w, spec) > 0.5
+        assert spec.name.startswith(fmt.upper())
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_mx_cuda_bit_identical_to_cpu_and_to_modelopt(dtype):
+    """modelopt runs MX only through its CUDA extension (tensor_quant_mx.cu, built on first use)."""
+    for fmt, num_bits in (("mxfp8", (4, 3)), ("mxfp4", (2, 1))):
+        spec = QuantSpec(fmt, None, block_size=32)
+        try:
+            q = _modelopt_quantizer(num_bits=num_bits, block_sizes={-1: 32, "type": "dynamic", "scale_bits": (8, 0)}).cuda()
+            q(torch.ones(1, 32, device="cuda"))
+        except Exception as e:  # noqa: BLE001 - the extension needs nvcc on the machine
+            pytest.skip(f"modelopt's MX CUDA extension did not build: {str(e)[:200]}")
+        for seed in range(4):
+            w = _edge_weights(dtype, seed)
+            w[3, :40] = torch.linspace(-3, 3, 40).to(dtype)  # exact ties at this scale
+            folded = fold(w, spec, "cuda")
+            same(folded, fold(w, spec, "cpu"))
+            want = q(w.cuda().float()).to(dtype).cpu()
+            same(folded, want)

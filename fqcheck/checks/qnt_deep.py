@@ -73,8 +73,9 @@ def unquantized_weights(ckpt, **options):
         if not n:
             continue
         frac = n / entry_numel(entry)
+        scales = f"amax from {q.amax_where}" if spec.amax is not None else "scales from the weight itself"
         yield Hit(f"{wname}: {n:,} of {entry_numel(entry):,} values ({frac:.1%}) are off the {spec.name} grid "
-                  f"of its enabled weight quantizer {qname} (amax from {q.amax_where}): the export left it "
+                  f"of its enabled weight quantizer {qname} ({scales}): the export left it "
                   f"unquantized", file=fname, tensor=wname,
                   fix=ReplaceTensor(fname, wname, Refold(spec, entry.dtype, entry.shape, device_opt)))
 

@@ -19,13 +19,16 @@ import torch
 EPS = 1.0 / (1 << 24)  # modelopt's "amax treated as zero" threshold (tensor_quant.py)
 E4M3_MAX = 448.0
 FP4_MAX = 6.0
+FLT_MAX = float(torch.finfo(torch.float32).max)
+MX_ELEMENT_MAX = {"mxfp8": E4M3_MAX, "mxfp4": FP4_MAX}  # OCP MX: E4M3 or E2M1 elements, E8M0 scales
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     """What a weight quantizer does. `fmt`: "fp8" (E4M3, per-tensor or per-channel via amax shape),
     "int" (num_bits, per-tensor / per-channel / static blocks), "nvfp4" (dynamic E2M1 blocks of 16
-    with E4M3 block scales; amax is the per-tensor global amax)."""
+    with E4M3 block scales; amax is the per-tensor global amax), "mxfp8" / "mxfp4" (dynamic E4M3 /
+    E2M1 blocks with power-of-two E8M0 scales from the block alone; no amax)."""
     fmt: str
     amax: object = field(compare=False, repr=False)  # float32 CPU tensor (scalar, per-channel or per-block)
     num_bits: int = 8
@@ -37,6 +40,9 @@ class QuantSpec:
     def name(self) -> str:
         if self.fmt == "nvfp4":
             return f"NVFP4 (E2M1, block {self.block_size}, E4M3 block scales)"
+        if self.fmt in MX_ELEMENT_MAX:
+            elem = "E4M3" if self.fmt == "mxfp8" else "E2M1"
+            return f"{self.fmt.upper()} ({elem}, block {self.block_size}, E8M0 block scales)"
         n = self.amax.numel()
         gran = "per-tensor" if n == 1 else (f"block {self.block_size}" if self.block_size else "per-channel")
         if self.fmt == "fp8":
@@ -179,6 +185,55 @@ def fake_nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block: int = 16, tie:
     return y.reshape(shape)
 
 
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2**e in float32 for int32 e in [-127, 127], built from its bits: exact on every device
+    (2**-127 is the subnormal 0x00400000)."""
+    bits = torch.where(e >= -126, (e + 127) << 23, torch.full_like(e, 1 << 22))
+    return bits.view(torch.float32)
+
+
+def fake_mx(x: torch.Tensor, fmt: str, block: int = 32) -> torch.Tensor:
+    """MXFP8 / MXFP4: quantization/tensor_quant.py `_dynamic_block_quantize_impl` with scale_bits
+    (8, 0) -> the CUDA extension kernels/quantization/gemm/tensor_quant_mx.cu
+    `amax_and_convert_kernel` (modelopt has no CPU path for MX):
+        per block along the last dim (zero padded): bmax = max min(|x|, FLT_MAX)
+        bmax 0, inf or NaN: scale = unscale = 1; else `compute_scale_e8m0_NV`:
+            ratio = bmax / elem_max (float32);  e = ceil(log2(ratio)) read off ratio's bits
+            (exponent field - 126 when the significand is non-zero, the field is not 0xfe and
+            ratio is not a subnormal <= 2**-127; else field - 127);  unscale = 2**e, scale = 2**-e
+        out = sign(x) * convert(|x| * scale) * unscale
+    convert: E4M3 is __nv_fp8_e4m3 (RNE, saturating: clamp to 448 then torch's RNE cast); E2M1 is
+    the round-half-even table saturating at 6 (tensor_quant_mx.h round_to_even, as for NVFP4).
+    The kernel's sign is +1 for x > 0 and -1 otherwise (it is left unset for x == 0, which the
+    compiled kernel treats as -1: measured on an H100), so every zero, and every negative x that
+    rounds to zero, comes out -0.0."""
+    elem_max = MX_ELEMENT_MAX[fmt]
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]) if x.dim() else x.reshape(1, 1)
+    pad = (-x2.shape[-1]) % block
+    xp = torch.nn.functional.pad(x2, (0, pad)) if pad else x2
+    blocks = xp.reshape(xp.shape[0], -1, block)
+    xa = blocks.abs()
+    bmax = xa.clamp(max=FLT_MAX).amax(dim=-1, keepdim=True)
+    bits = (bmax / elem_max).view(torch.int32)
+    field, significand = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+    up = (significand > 0) & (field != 0xFE) & ~((field == 0) & (significand <= 0x400000))
+    e = torch.where(up, field - 126, field - 127)
+    scaled = (bmax != 0) & torch.isfinite(bmax)
+    e = torch.where(scaled, e, torch.zeros_like(e))
+    a = xa * _pow2(-e)
+    if fmt == "mxfp8":
+        q = a.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+    else:
+        q = _fp4_round_magnitude(a)
+    y = q * _pow2(e)
+    y = torch.where(blocks > 0, y, -y)
+    y = y.reshape(xp.shape)
+    if pad:
+        y = y[:, :x2.shape[-1]]
+    return y.reshape(shape)
+
+
 def quantize(x: torch.Tensor, spec: QuantSpec, variant: int = 0) -> torch.Tensor:
     """The quantizer on a float32 tensor (what TensorQuantizer.forward returns for it). variant 0 is
     modelopt's GPU path; the others are what modelopt may also have produced (see variants())."""
@@ -190,6 +245,8 @@ def quantize(x: torch.Tensor, spec: QuantSpec, variant: int = 0) -> torch.Tensor
         return fake_int(x, spec.amax, spec.num_bits, spec.unsigned, spec.narrow_range)
     if spec.fmt == "nvfp4":
         return fake_nvfp4(x, spec.amax, spec.block_size or 16, tie=(0, 1, -1)[variant])
+    if spec.fmt in MX_ELEMENT_MAX:
+        return fake_mx(x, spec.fmt, spec.block_size or 32)
     raise ValueError(f"unsupported format {spec.fmt!r}")
 
 

@@ -245,11 +245,6 @@ def weight_spec(state: QuantState, q: Quantizer, weight_shape) -> tuple[object, 
                                                              "_unsigned", "_narrow_range")})
     if enabled is False:
         return None, "its quantizer is disabled in the quant config"
-    if q.amax is None or not isinstance(q.amax, torch.Tensor) or q.amax.is_meta:
-        return None, "no amax"
-    amax = q.amax.detach().to(torch.float32)
-    if amax.numel() == 0 or not bool(torch.isfinite(amax).all()) or bool((amax < 0).any()):
-        return None, "invalid amax (QNT003)"
     num_bits = a.get("num_bits")
     if num_bits is None:
         return None, "format unknown (no quant_cfg or quantizer_state names it)"
@@ -262,6 +257,17 @@ def weight_spec(state: QuantState, q: Quantizer, weight_shape) -> tuple[object, 
     unsigned, narrow = bool(a.get("unsigned", False)), bool(a.get("narrow_range", False))
     if a.get("backend") or a.get("rotate") not in (None, False) or a.get("bias"):
         return None, "quantizer uses a backend/rotation/bias fqcheck does not model"
+    if bs is not None and bs.get("type") == "dynamic" and tuple(bs.get("scale_bits") or ()) == (8, 0):
+        fmt = {(4, 3): "mxfp8", (2, 1): "mxfp4"}.get(num_bits)
+        block = bs.get(-1) or bs.get(len(weight_shape) - 1)
+        if fmt is None or block not in (8, 16, 32):  # the block sizes modelopt's MX kernel takes
+            return None, f"MX format num_bits={num_bits} block {block} not supported"
+        return QuantSpec(fmt, None, block_size=int(block)), None  # MX scales come from the weight alone
+    if q.amax is None or not isinstance(q.amax, torch.Tensor) or q.amax.is_meta:
+        return None, "no amax"
+    amax = q.amax.detach().to(torch.float32)
+    if amax.numel() == 0 or not bool(torch.isfinite(amax).all()) or bool((amax < 0).any()):
+        return None, "invalid amax (QNT003)"
     if bs is not None:
         block = bs.get(-1) or bs.get(len(weight_shape) - 1)
         other = [k for k, v in bs.items() if isinstance(k, int) and v and v != block]
