@@ -135,6 +135,21 @@ def fake_int_block(x: torch.Tensor, amax: torch.Tensor, block: int, num_bits: in
     return out[..., :shape[-1]] if pad else out
 
 
+def _to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(rows, n_blocks, block) view of x's last dim, zero padded to a multiple of the block (as the
+    dynamic block kernels read it)."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    pad = (-x2.shape[-1]) % block
+    xp = torch.nn.functional.pad(x2, (0, pad)) if pad else x2
+    return xp.reshape(xp.shape[0], -1, block)
+
+
+def _from_blocks(y: torch.Tensor, shape) -> torch.Tensor:
+    """Undo _to_blocks: drop the padding, restore the shape."""
+    cols = shape[-1] if len(shape) else 1
+    return y.reshape(y.shape[0], -1)[:, :cols].reshape(shape)
+
+
 def _fp4_round_magnitude(a: torch.Tensor, tie: int = 0) -> torch.Tensor:
     """kernels/quantization/common/nvfp4_quant.py `fp4_round_magnitude`: a cascade of thresholds
     (<= 0.25 -> 0, < 0.75 -> 0.5, <= 1.25 -> 1, < 1.75 -> 1.5, <= 2.5 -> 2, < 3.5 -> 3, <= 5 -> 4,
@@ -168,21 +183,14 @@ def fake_nvfp4(x: torch.Tensor, global_amax: torch.Tensor, block: int = 16, tie:
     g = torch.where(g > 0, g, torch.tensor(1e-12, dtype=torch.float32))
     six_g = (FP4_MAX * g).to(x.device)
     g = g.to(x.device)
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]) if x.dim() else x.reshape(1, 1)
-    pad = (-x2.shape[-1]) % block
-    xp = torch.nn.functional.pad(x2, (0, pad)) if pad else x2
-    blocks = xp.reshape(xp.shape[0], -1, block)
+    blocks = _to_blocks(x, block)
     xa = blocks.abs()
     bmax = xa.amax(dim=-1, keepdim=True)
     s = torch.clamp(bmax / six_g, max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * g
     s = torch.where(s >= 1e-5, s, torch.ones_like(s))
     y = _fp4_round_magnitude(xa / s, tie) * s
     y = torch.where(blocks >= 0, y, 0.0 - y)  # Triton negates as 0 - y: a negative x rounded to 0 gives +0.0
-    y = y.reshape(xp.shape)
-    if pad:
-        y = y[:, :x2.shape[-1]]
-    return y.reshape(shape)
+    return _from_blocks(y, x.shape)
 
 
 def _pow2(e: torch.Tensor) -> torch.Tensor:
@@ -208,11 +216,7 @@ def fake_mx(x: torch.Tensor, fmt: str, block: int = 32) -> torch.Tensor:
     compiled kernel treats as -1: measured on an H100), so every zero, and every negative x that
     rounds to zero, comes out -0.0."""
     elem_max = MX_ELEMENT_MAX[fmt]
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]) if x.dim() else x.reshape(1, 1)
-    pad = (-x2.shape[-1]) % block
-    xp = torch.nn.functional.pad(x2, (0, pad)) if pad else x2
-    blocks = xp.reshape(xp.shape[0], -1, block)
+    blocks = _to_blocks(x, block)
     xa = blocks.abs()
     bmax = xa.clamp(max=FLT_MAX).amax(dim=-1, keepdim=True)
     bits = (bmax / elem_max).view(torch.int32)
@@ -228,10 +232,7 @@ def fake_mx(x: torch.Tensor, fmt: str, block: int = 32) -> torch.Tensor:
         q = _fp4_round_magnitude(a)
     y = q * _pow2(e)
     y = torch.where(blocks > 0, y, -y)
-    y = y.reshape(xp.shape)
-    if pad:
-        y = y[:, :x2.shape[-1]]
-    return y.reshape(shape)
+    return _from_blocks(y, x.shape)
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, variant: int = 0) -> torch.Tensor:
