@@ -1,5 +1,5 @@
-"""fix end to end with the built-in fixable rules (QNT001, IDX*, CFG002) on real damaged exports.
-Each test runs once its rule is in the catalog (the rules land from other branches)."""
+"""fix end to end with the built-in fixable rules (QNT001, IDX*, CFG002, QNT002) on real damaged
+exports: the fixed checkpoint loads in transformers, and every tensor not meant to change keeps its bytes."""
 import json
 import shutil
 
@@ -7,14 +7,9 @@ import pytest
 
 from builders import leak_quantizer_state, read_config, read_index, write_config, write_index
 from fixhelp import loads_cleanly, run_cli, state
-from fqcheck.catalog import load_catalog
-from fqcheck.fix.runner import fix
+from builders import load_shard, save_shard
+from fqcheck.fix.runner import FixRefused, fix
 
-
-def needs(*codes):
-    have = set(load_catalog())
-    missing = [c for c in codes if c not in have]
-    return pytest.mark.skipif(bool(missing), reason=f"rules not on this branch yet: {missing}")
 
 
 def tensors(st: dict) -> dict:
@@ -22,7 +17,6 @@ def tensors(st: dict) -> dict:
     return {k: v for f, t in st.items() if f.endswith(".safetensors") for k, v in t.items() if k != "__metadata__"}
 
 
-@needs("QNT001")
 def test_qnt001_leak_dropped(sharded_llama):
     d = sharded_llama
     before = tensors(state(d))
@@ -37,7 +31,6 @@ def test_qnt001_leak_dropped(sharded_llama):
     loads_cleanly(d)
 
 
-@needs("IDX008")
 def test_stale_shard_retired(sharded_llama):
     d = sharded_llama
     before = state(d)
@@ -50,7 +43,6 @@ def test_stale_shard_retired(sharded_llama):
     loads_cleanly(d)
 
 
-@needs("IDX002")
 def test_broken_index_rebuilt(sharded_llama):
     d = sharded_llama
     before = state(d)
@@ -63,7 +55,6 @@ def test_broken_index_rebuilt(sharded_llama):
     loads_cleanly(d)
 
 
-@needs("IDX005", "IDX007")
 def test_index_missing_entry_and_wrong_total_rebuilt(sharded_llama):
     d = sharded_llama
     idx = read_index(d)
@@ -77,7 +68,6 @@ def test_index_missing_entry_and_wrong_total_rebuilt(sharded_llama):
     loads_cleanly(d)
 
 
-@needs("CFG002")
 def test_auto_map_with_missing_code_dropped(sharded_llama):
     d = sharded_llama
     cfg = read_config(d)
@@ -90,7 +80,6 @@ def test_auto_map_with_missing_code_dropped(sharded_llama):
     loads_cleanly(d)
 
 
-@needs("QNT001", "QNT002")
 def test_deep_fix_refolds_and_drops_leak_in_one_pass(tmp_path):
     fqbuild = pytest.importorskip("fqbuild")
     raw = "model.layers.1.mlp.down_proj.weight"
@@ -104,3 +93,60 @@ def test_deep_fix_refolds_and_drops_leak_in_one_pass(tmp_path):
     changed = {k for k in after if after[k] != before[k]}
     assert changed == {raw}  # only the re-folded weight changed; everything else byte-identical
     loads_cleanly(d)
+
+
+def test_missing_index_rebuilt(sharded_llama):
+    d = sharded_llama
+    before, saved = tensors(state(d)), read_index(d)
+    (d / "model.safetensors.index.json").unlink()
+    res = fix(d)
+    assert [f.code for f in res.applied] == ["IDX001"] and res.remaining.findings == []
+    rebuilt = read_index(d)  # what save_pretrained wrote, less transformers 5's total_parameters
+    assert rebuilt["weight_map"] == saved["weight_map"]
+    assert rebuilt["metadata"]["total_size"] == saved["metadata"]["total_size"]
+    assert tensors(state(d)) == before
+    loads_cleanly(d)
+
+
+def test_entry_pointing_at_the_wrong_shard_rebuilt(sharded_llama):
+    d = sharded_llama
+    before = state(d)
+    idx = read_index(d)
+    shards = sorted(set(idx["weight_map"].values()))
+    t = next(k for k, f in idx["weight_map"].items() if f == shards[0])
+    idx["weight_map"][t] = shards[1]
+    write_index(d, idx)
+    res = fix(d)
+    assert [(f.code, f.tensor) for f in res.applied] == [("IDX004", t)] and res.remaining.findings == []
+    assert state(d) == before
+    loads_cleanly(d)
+
+
+def _duplicate(d, change: bool = False) -> tuple[str, str]:
+    """Copy one tensor of the last shard into the first (optionally with other values)."""
+    idx = read_index(d)
+    first, last = sorted(set(idx["weight_map"].values()))[::2]
+    t = next(k for k, f in idx["weight_map"].items() if f == last)
+    src, dst = load_shard(d / last), load_shard(d / first)
+    dst[t] = src[t] + 1 if change else src[t]
+    save_shard(d / first, dst)
+    return t, first
+
+
+def test_identical_duplicate_dropped_from_the_shard_the_index_does_not_name(sharded_llama):
+    d = sharded_llama
+    before = tensors(state(d))
+    t, where = _duplicate(d)
+    res = fix(d)
+    assert [(f.code, f.file, f.tensor) for f in res.applied if f.code == "IDX006"] == [("IDX006", where, t)]
+    assert res.remaining.findings == [] and tensors(state(d)) == before
+    loads_cleanly(d)
+
+
+def test_differing_duplicate_is_refused_and_nothing_changes(sharded_llama):
+    d = sharded_llama
+    _duplicate(d, change=True)
+    damaged = state(d)
+    with pytest.raises(FixRefused, match="IDX006"):
+        fix(d)
+    assert state(d) == damaged and not (d / ".fqcheck" / "backup").exists()
