@@ -105,7 +105,8 @@ def fix(
     no_backup: bool = typer.Option(False, "--no-backup", help="Do not keep the originals in .fqcheck/backup/."),
     select: Optional[List[str]] = typer.Option(None, "--select", help="Codes or prefixes to fix."),
     ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="Codes or prefixes to leave alone."),
-    deep: bool = typer.Option(False, "--deep", help="Also run the data-reading checks and the re-fold."),
+    deep: bool = typer.Option(False, "--deep", help="Also run the data-reading checks and the re-fold (includes --arch)."),
+    arch: bool = typer.Option(False, "--arch", help="Also drop tensors the architecture in config.json does not have (ARC001)."),
     device: str = typer.Option("auto", "--device", help="Where --deep runs: auto, cpu or cuda:N."),
     rules: Optional[List[Path]] = typer.Option(None, "--rules", help="Extra folder of declarative rules."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -120,7 +121,7 @@ def fix(
 
     try:
         res = run_fix(path, unsafe_fixes=unsafe_fixes, dry_run=dry_run, output=output,
-                      backup=not no_backup, select=_split(select), ignore=_split(ignore), deep=deep,
+                      backup=not no_backup, select=_split(select), ignore=_split(ignore), deep=deep, arch=arch,
                       rules_dirs=rules or (), device=device, quiet=quiet)
     except FixRefused as e:
         typer.echo(f"fqcheck: {e}", err=True)

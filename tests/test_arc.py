@@ -84,6 +84,28 @@ def test_arc001_extra_tensor_in_shard_and_index(tmp_path_factory, tmp_path):
     assert "LlamaForCausalLM" in f.message and "unexpected" in f.message
 
 
+
+def test_arc001_fixed_by_dropping_the_tensor_from_shard_and_index(tmp_path_factory, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import fqcheck
+    d = model_copy(tmp_path_factory, tmp_path, "llama", shards=3)
+    before = {f: load_shard(d / f) for f in sorted(set(read_index(d)["weight_map"].values()))}
+    index = read_index(d)
+    fname = shard_of(d, "model.layers.1.mlp.up_proj.weight")
+    name = "model.layers.1.mlp.extra_proj.weight"
+    edit_shard(d, fname, lambda t: t.__setitem__(name, torch.zeros(4, 32, dtype=torch.bfloat16)))
+    assert fqcheck.fix(d, select=["ARC"], backup=False).applied == []  # ARC runs only with --arch
+    res = fqcheck.fix(d, select=["ARC"], arch=True, backup=False)
+    assert [(f.code, f.tensor) for f in res.applied] == [("ARC001", name)] and res.ok
+    assert read_index(d) == index
+    for f, tensors in before.items():
+        after = load_shard(d / f)
+        assert after.keys() == tensors.keys()
+        assert all(torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)) for k, v in tensors.items())
+    _, info = AutoModelForCausalLM.from_pretrained(d, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+
 def test_arc002_tensor_removed(tmp_path_factory, tmp_path):
     d = model_copy(tmp_path_factory, tmp_path, "llama", shards=3)
     name = "model.layers.1.mlp.down_proj.weight"

@@ -43,7 +43,7 @@ class FixResult:
 def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = False,
         output: str | os.PathLike | None = None, backup: bool = True,
         select: Sequence[str] | None = None, ignore: Sequence[str] | None = None, deep: bool = False,
-        rules_dirs: Iterable[str | os.PathLike] = (), device: str = "auto", quiet: bool = False) -> FixResult:
+        arch: bool = False, rules_dirs: Iterable[str | os.PathLike] = (), device: str = "auto", quiet: bool = False) -> FixResult:
     """Repair a checkpoint. quiet: no progress bar (it shows only on a terminal, for big rewrites).
      Raises FixRefused (unfixable errors; nothing changed), FixError (I/O
     failure, rolled back; or locked), CheckpointError (not a checkpoint)."""
@@ -51,7 +51,7 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
 
     ckpt = Checkpoint.open(path)
     root = ckpt.root
-    kw = dict(select=select, ignore=ignore, deep=deep, rules_dirs=tuple(rules_dirs), device=device, quiet=quiet)
+    kw = dict(select=select, ignore=ignore, deep=deep, arch=arch, rules_dirs=tuple(rules_dirs), device=device, quiet=quiet)
     enabled = False if quiet else None
 
     def relint():
