@@ -72,16 +72,9 @@ def unquantized_weights(ckpt, **options):
         del w
         if not n:
             continue
-        frac = n / entry_numel(entry)
+        frac = n / entry.numel
         scales = f"amax from {q.amax_where}" if spec.amax is not None else "scales from the weight itself"
-        yield Hit(f"{wname}: {n:,} of {entry_numel(entry):,} values ({frac:.1%}) are off the {spec.name} grid "
+        yield Hit(f"{wname}: {n:,} of {entry.numel:,} values ({frac:.1%}) are off the {spec.name} grid "
                   f"of its enabled weight quantizer {qname} ({scales}): the export left it "
                   f"unquantized", file=fname, tensor=wname,
                   fix=ReplaceTensor(fname, wname, Refold(spec, entry.dtype, entry.shape, device_opt)))
-
-
-def entry_numel(entry) -> int:
-    n = 1
-    for d in entry.shape:
-        n *= d
-    return n
