@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Sequence
 
 from . import engine
 from .catalog import SEVERITIES, Rule, load_catalog
-from .checkpoint import Checkpoint
+from .checkpoint import BACKUP_DIR, Checkpoint
 from .config import FAIL_ON
 from .engine import SEVERITY_RANK, Finding
 
@@ -95,7 +95,8 @@ def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Seque
     rules = engine.select_rules(catalog, select, ignore, levels_for(deep, arch))
     ckpt = Checkpoint.open(path)
     notes = []
-    if recover and ckpt._only is None:
+    # the journal module is imported only when a fix left its folder behind (lint's hot path)
+    if recover and ckpt._only is None and (ckpt.root / BACKUP_DIR).is_dir():
         from .fix.journal import needs_recovery
         if needs_recovery(ckpt.root):
             from .fix.journal import recover_if_needed

@@ -294,13 +294,6 @@ def off_grid_fraction(weight: torch.Tensor, spec: QuantSpec, device=None) -> flo
     return off_grid_count(weight, spec, device) / n if n else 0.0
 
 
-def off_grid(weight: torch.Tensor, folded: torch.Tensor) -> int:
-    """Number of elements whose value changes under the fold (NaN == NaN, -0.0 == 0.0)."""
-    diff = weight != folded
-    if weight.is_floating_point():
-        diff &= ~(torch.isnan(weight) & torch.isnan(folded))
-    return int(diff.sum())
-
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
