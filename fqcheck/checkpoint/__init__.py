@@ -124,6 +124,25 @@ class Checkpoint:
         return load_json(self.path(name), name)
 
 
+def allowed_roots(root: Path) -> list[str]:
+    """Real paths a shard may resolve into: the checkpoint dir and, for a Hugging Face cache
+    snapshot (models--org--name/snapshots/<rev>/...), that cache repo's blobs/ folder."""
+    real = Path(os.path.realpath(root))
+    roots = [str(real)]
+    for anc in (real, *real.parents):
+        if anc.parent.name == "snapshots" and "--" in anc.parent.parent.name:
+            blobs = anc.parent.parent / "blobs"
+            if blobs.is_dir():
+                roots.append(os.path.realpath(blobs))
+            break
+    return roots
+
+
+def inside(path: str, bases: list[str]) -> bool:
+    """`path` (a real path) is one of `bases` or lies under one."""
+    return any(path == b or path.startswith(b.rstrip(os.sep) + os.sep) for b in bases)
+
+
 def load_json(path: Path, name: str) -> JsonFile:
     try:
         with open(path, "rb") as f:
@@ -141,4 +160,4 @@ def load_json(path: Path, name: str) -> JsonFile:
 
 
 __all__ = ["Checkpoint", "CheckpointError", "JsonFile", "SafetensorsHeader", "TensorEntry",
-           "INDEX_NAME", "CONFIG_NAME", "STATE_NAME", "BACKUP_DIR", "load_json"]
+           "INDEX_NAME", "CONFIG_NAME", "STATE_NAME", "BACKUP_DIR", "allowed_roots", "inside", "load_json"]

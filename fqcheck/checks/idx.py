@@ -14,13 +14,15 @@ from __future__ import annotations
 import os
 import re
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import islice
 from pathlib import Path, PureWindowsPath
 from typing import Iterator
 
 from ..catalog import schema_path
-from ..checkpoint import INDEX_NAME, Checkpoint, SafetensorsHeader
+from ..checkpoint import INDEX_NAME, Checkpoint, SafetensorsHeader, allowed_roots, inside
 from ..checkpoint import safetensors as st
 from ..engine import Hit, check
 from ..fix.edits import DropTensor, RebuildIndex, RetireFile
@@ -42,10 +44,39 @@ class IndexView:
     escapes: dict[str, str] = field(default_factory=dict)  # path -> why it escapes (IDX009)
     missing: dict[str, str] = field(default_factory=dict)  # member path -> why it cannot be read
     shards: dict[str, SafetensorsHeader] = field(default_factory=dict)  # member -> header (safe, exists)
+    referenced: set[str] = field(default_factory=set)  # the distinct (normalized) entries values
 
     @property
     def usable(self) -> bool:
         return self.weight_map is not None
+
+    # Computed once for the checks that share them: ~90k names on a large checkpoint.
+    @cached_property
+    def readable(self) -> dict[str, SafetensorsHeader]:
+        return {f: h for f, h in self.shards.items() if h.readable}
+
+    @cached_property
+    def held(self) -> set[str]:
+        """Every tensor name the readable shards hold."""
+        return set().union(*(h.tensors for h in self.readable.values()))
+
+    @cached_property
+    def repeats(self) -> bool:
+        """Some tensor name is held by more than one readable shard."""
+        return len(self.held) != sum(len(h.tensors) for h in self.readable.values())
+
+    @cached_property
+    def placed(self) -> dict[str, list]:
+        """Shard -> the weight_map value of each tensor it holds, in order (None: not listed)."""
+        return {f: list(map(self.weight_map.get, h.tensors)) for f, h in self.readable.items()}
+
+    @cached_property
+    def exact(self) -> bool:
+        """The usual, clean case: each readable shard's tensors are listed, each mapped to that
+        shard, and no entry maps another tensor to it. Then IDX004 and IDX005 have nothing."""
+        per_file = Counter(self.weight_map.values())
+        return all(len(h.tensors) == per_file.get(f, 0) == self.placed[f].count(f) and not
+                   any(p.tensor for p in h.problems) for f, h in self.readable.items())
 
 
 _VIEWS: "weakref.WeakKeyDictionary[Checkpoint, IndexView]" = weakref.WeakKeyDictionary()
@@ -61,7 +92,7 @@ def index_view(ckpt: Checkpoint) -> IndexView:
 
 def _build(ckpt: Checkpoint) -> IndexView:
     v = IndexView()
-    allowed = _allowed_roots(ckpt.root)
+    allowed = allowed_roots(ckpt.root)
     idx = ckpt.index
     raw_paths: list[str] = []
     norm: dict[str, str] = {}
@@ -70,11 +101,11 @@ def _build(ckpt: Checkpoint) -> IndexView:
         if idx.error:
             v.problems.append(idx.error)
         else:
-            v.problems = _schema_problems(idx.data)
             data = idx.data
             wm = data.get("weight_map") if isinstance(data, dict) else None
+            good, all_good = _paths(wm) if isinstance(wm, dict) else (set(), False)
+            v.problems = _schema_problems(data, all_good)
             if isinstance(wm, dict):
-                good = _good_paths(wm)
                 raw_paths = sorted(good)
                 for raw in raw_paths:  # even in a broken index, an escaping path is reported (IDX009)
                     why = _escape(ckpt.root, raw, allowed)
@@ -82,9 +113,10 @@ def _build(ckpt: Checkpoint) -> IndexView:
                         v.escapes[raw] = why  # kept as written: normalizing would hide the '..'
                 # a few hundred distinct files for 100k entries: normalize each once
                 norm = {s: s if s in v.escapes else _norm(s) for s in good}
-                if len(good) == _distinct(wm) and all(norm[s] == s for s in good):
+                v.referenced = set(norm.values())
+                if all_good and all(norm[s] == s for s in good):
                     v.entries = wm  # the usual index: every value already a plain file name
-                elif len(good) == _distinct(wm):
+                elif all_good:
                     v.entries = {t: norm[s] for t, s in wm.items()}
                 else:
                     v.entries = {t: norm[s] for t, s in wm.items() if _path_string(s)}
@@ -139,43 +171,18 @@ def _hit(message: str, file: str | None = None, tensor: str | None = None, **kw)
     return Hit(_clean(message), file=_clean(file), tensor=_clean(tensor), **kw)
 
 
-def _distinct(wm: dict) -> int:
-    """Number of distinct weight_map values; -1 when some are unhashable (lists, objects)."""
+def _paths(wm: dict) -> tuple[set[str], bool]:
+    """The distinct weight_map values that are usable file names, and whether all values are."""
     try:
-        return len(set(wm.values()))
-    except TypeError:
-        return -1
-
-
-def _good_paths(wm: dict) -> set[str]:
-    """The distinct weight_map values that are usable file names."""
-    try:
-        vals = set(wm.values())
-    except TypeError:
-        vals = {s for s in wm.values() if isinstance(s, str)}
-    return {s for s in vals if _path_string(s)}
+        vals = set(wm.values())  # a few hundred distinct files for 100k entries
+    except TypeError:  # a list or object among the values
+        return {s for s in wm.values() if _path_string(s)}, False
+    good = {s for s in vals if _path_string(s)}
+    return good, len(good) == len(vals)
 
 
 def _norm(s: str) -> str:
     return os.path.normpath(s)
-
-
-def _allowed_roots(root: Path) -> list[str]:
-    """Real paths a shard may resolve into: the checkpoint dir and, for a Hugging Face cache
-    snapshot (models--org--name/snapshots/<rev>/...), that cache repo's blobs/ folder."""
-    real = Path(os.path.realpath(root))
-    roots = [str(real)]
-    for anc in (real, *real.parents):
-        if anc.parent.name == "snapshots" and "--" in anc.parent.parent.name:
-            blobs = anc.parent.parent / "blobs"
-            if blobs.is_dir():
-                roots.append(os.path.realpath(blobs))
-            break
-    return roots
-
-
-def _inside(path: str, base: str) -> bool:
-    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def _escape(root: Path, raw: str, allowed: list[str]) -> str | None:
@@ -191,7 +198,7 @@ def _escape(root: Path, raw: str, allowed: list[str]) -> str | None:
         real = os.path.realpath(p)
     except (OSError, ValueError):
         return None
-    if not any(_inside(real, a) for a in allowed):
+    if not inside(real, allowed):
         return f"is a link that resolves to {real}, outside the checkpoint directory"
     return None
 
@@ -218,13 +225,14 @@ def _size_value(x) -> int | None:
     return None
 
 
-def _schema_problems(data) -> list[str]:
+def _schema_problems(data, all_good: bool) -> list[str]:
     """Schema violations, bounded: jsonschema (imported only when something is wrong) sees the
-    index with weight_map cut down to its first bad entries, so a hostile 5M-entry map stays cheap."""
+    index with weight_map cut down to its first bad entries, so a hostile 5M-entry map stays cheap.
+    all_good: every weight_map value is a usable file name (see _paths)."""
     probe, nbad = data, 0
     if isinstance(data, dict) and isinstance(data.get("weight_map"), dict):
         wm = data["weight_map"]
-        if len(_good_paths(wm)) == _distinct(wm):
+        if all_good:
             bad = []  # every distinct value is a file name: no need to look at 100k entries
         else:
             bad = [(k, val) for k, val in wm.items() if not _path_string(val)]
@@ -292,10 +300,6 @@ def _names_in(h: SafetensorsHeader):
     return set(h.tensors) | broken if broken else h.tensors
 
 
-def _readable(v: IndexView) -> dict[str, SafetensorsHeader]:
-    return {f: h for f, h in v.shards.items() if h.readable}
-
-
 def _unnamed_holder(ckpt: Checkpoint, v: IndexView, t: str) -> str | None:
     """A top-level file the index does not name that stores tensor t (read only if inside)."""
     for f in ckpt.safetensors_names:
@@ -306,9 +310,6 @@ def _unnamed_holder(ckpt: Checkpoint, v: IndexView, t: str) -> str | None:
 
 def _duplicates(shards: dict[str, SafetensorsHeader]) -> dict[str, list[str]]:
     """Tensor name -> the shards (sorted) that hold it, for names held by more than one."""
-    total = sum(len(h.tensors) for h in shards.values())
-    if len(set().union(*(h.tensors.keys() for h in shards.values()))) == total:
-        return {}  # the usual case, decided at C speed
     where: dict[str, list[str]] = {}
     for f in sorted(shards):
         for t in shards[f].tensors:
@@ -349,7 +350,7 @@ def bad_index(ckpt: Checkpoint) -> Iterator[Hit]:
 @check("IDX003")
 def missing_shard(ckpt: Checkpoint) -> Iterator[Hit]:
     v = index_view(ckpt)
-    if not v.usable:
+    if not v.usable or not v.missing:
         return
     counts: dict[str, int] = {}
     for f in v.weight_map.values():
@@ -364,9 +365,9 @@ def missing_shard(ckpt: Checkpoint) -> Iterator[Hit]:
 @check("IDX004")
 def entry_not_in_shard(ckpt: Checkpoint) -> Iterator[Hit]:
     v = index_view(ckpt)
-    if not v.usable:
+    if not v.usable or v.exact:
         return
-    shards = _readable(v)
+    shards = v.readable
     names = {f: _names_in(h) for f, h in shards.items()}
     holders: dict[str, list[str]] | None = None
     for t, f in v.weight_map.items():
@@ -398,11 +399,11 @@ def entry_not_in_shard(ckpt: Checkpoint) -> Iterator[Hit]:
 @check("IDX005")
 def tensor_not_in_index(ckpt: Checkpoint) -> Iterator[Hit]:
     v = index_view(ckpt)
-    if not v.usable:
+    if not v.usable or v.exact:
         return
     listed = v.weight_map.keys()
-    for f, h in _readable(v).items():
-        if h.tensors.keys() <= listed:  # a set comparison in C: the usual, clean case
+    for f, h in v.readable.items():
+        if None not in v.placed[f]:
             continue
         for t in [t for t in h.tensors if t not in listed]:
             yield _hit(f"{t} is stored in {f} but the index does not list it: transformers and vLLM "
@@ -414,10 +415,10 @@ def tensor_not_in_index(ckpt: Checkpoint) -> Iterator[Hit]:
 @check("IDX006")
 def duplicate_tensor(ckpt: Checkpoint) -> Iterator[Hit]:
     v = index_view(ckpt)
-    shards = _readable(v)
-    dups = _duplicates(shards)
-    if not dups:
+    if not v.repeats:
         return
+    shards = v.readable
+    dups = _duplicates(shards)
     opened: dict[str, object] = {}
     try:
         for t in sorted(dups):
@@ -490,8 +491,7 @@ def stale_shard(ckpt: Checkpoint) -> Iterator[Hit]:
     v = index_view(ckpt)
     if not v.usable:
         return
-    referenced = set(v.weight_map.values())
-    held = set().union(*(h.tensors for h in _readable(v).values()))
+    referenced = v.referenced
     for f in ckpt.safetensors_names:
         if f in referenced or f in v.escapes:
             continue
@@ -502,7 +502,7 @@ def stale_shard(ckpt: Checkpoint) -> Iterator[Hit]:
             continue
         # Stale only if every tensor it holds is also held by a shard the index names: otherwise
         # retiring it would lose the only copy (e.g. an index entry pointed at the wrong file).
-        only_here = [t for t in h.tensors if t not in held]
+        only_here = [t for t in h.tensors if t not in v.held]
         if only_here:
             yield _hit(f"{f} is not named by the index but holds {_plural(len(only_here), 'tensor')} that "
                         f"no named shard holds (e.g. {only_here[0]}): transformers and vLLM ignore the file "
@@ -519,6 +519,8 @@ def stale_shard(ckpt: Checkpoint) -> Iterator[Hit]:
 @check("IDX009")
 def escaping_path(ckpt: Checkpoint) -> Iterator[Hit]:
     v = index_view(ckpt)
+    if not v.escapes:
+        return
     counts: dict[str, int] = {}
     for f in v.entries.values():
         if f in v.escapes:
