@@ -109,6 +109,8 @@ def run(ckpt: Checkpoint, rules: list[Rule], options: dict | None = None,
     was_enabled = gc.isenabled()
     gc.disable()
     try:
+        if rules:
+            ckpt.prefetch()
         return _run(ckpt, rules, options, severity)
     finally:
         if was_enabled:

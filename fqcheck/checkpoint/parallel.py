@@ -1,0 +1,162 @@
+"""Read many shard headers on two CPU cores.
+
+A large checkpoint's headers are mostly JSON to parse and validate (90k entries on DeepSeek-R1),
+which CPython does on one core. Here a forked child takes shards from the back of the list while
+this process first does `first()` (e.g. parse the index, which no header needs) and then takes
+shards from the front; they meet wherever their speeds put them, so no cost model is needed.
+
+Each shard is claimed in a shared byte array before it is read. Both sides may claim the one shard
+they meet at (the claim is not atomic): then it is read twice, never missed. The child sends what
+it read as one marshal blob; whatever it fails to deliver (it crashed, was killed, got stuck) this
+process reads itself, so the outcome never depends on the child.
+"""
+from __future__ import annotations
+
+import gc
+import marshal
+import mmap
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from itertools import repeat
+from operator import itemgetter
+from pathlib import Path
+from typing import Callable
+
+from .safetensors import Problem, SafetensorsHeader, TensorEntry, read_header
+
+MIN_SHARDS = 8  # below this, headers are small and a fork saves nothing
+_new_entry = tuple.__new__
+
+
+def can_fork() -> bool:
+    """Forking is safe only where it is the platform's own model (Linux) and no other Python
+    thread could hold a lock the child needs."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork") and threading.active_count() == 1
+
+
+def read_headers(paths: list[Path], first: Callable[[], None] = lambda: None) -> list[SafetensorsHeader]:
+    """The headers of `paths`, in order, as read_header gives them. `first()` runs in this process
+    while the child starts on the last shards."""
+    if len(paths) < MIN_SHARDS or not can_fork():
+        first()
+        return [read_header(p) for p in paths]
+    claims = mmap.mmap(-1, len(paths))  # anonymous: shared with the child after fork
+    rfd, wfd = os.pipe()
+    _widen(wfd)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns, never runs the parent's cleanup or flushes its buffers
+        code = 1
+        try:
+            os.close(rfd)
+            _child(paths, claims, wfd)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    got: dict[int, SafetensorsHeader] = {}
+    done = False
+    try:
+        start = time.monotonic()
+        first()
+        for i in range(len(paths)):
+            if claims[i]:
+                break  # the child has it, and everything after it
+            claims[i] = 1
+            got[i] = read_header(paths[i])
+        # The child normally finishes with us; a stuck one is given up on after many times our own
+        # time, and its shards are read here.
+        theirs = _receive(rfd, pid, timeout=2.0 + 10 * (time.monotonic() - start))
+        done = True
+    finally:
+        os.close(rfd)
+        if not done:
+            _reap(pid, kill=True)
+    for i, packed in theirs.items():
+        if i not in got:
+            got[i] = _unpack(paths[i], packed)
+    return [got[i] if i in got else read_header(p) for i, p in enumerate(paths)]
+
+
+def _child(paths: list[Path], claims: mmap.mmap, wfd: int) -> None:
+    gc.disable()  # nothing here makes cycles
+    out = []
+    for i in range(len(paths) - 1, -1, -1):
+        if claims[i]:
+            break
+        claims[i] = 1
+        # serialized as it goes: the claims then count this cost, and little is left at the end
+        out.append(marshal.dumps((i, _pack(read_header(paths[i])))))
+    view = memoryview(marshal.dumps(out))
+    while view:
+        view = view[os.write(wfd, view):]
+    os.close(wfd)
+
+
+def _receive(rfd: int, pid: int, timeout: float) -> dict[int, tuple]:
+    """The child's results, or {} when it does not deliver them whole within `timeout` seconds."""
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([rfd], [], [], left)[0]:
+            _reap(pid, kill=True)
+            return {}
+        chunk = os.read(rfd, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    if _reap(pid, kill=False) != 0:
+        return {}
+    try:
+        return dict(map(marshal.loads, marshal.loads(b"".join(chunks))))
+    except (EOFError, ValueError, TypeError):
+        return {}
+
+
+def _widen(fd: int) -> None:
+    """A bigger pipe buffer: the child's few MB cross in a few writes, not a hundred 64 KiB ones."""
+    try:
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # the unprivileged maximum by default
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
+def _reap(pid: int, kill: bool) -> int:
+    """Wait for the child (killing it first if asked); its exit status, -1 when unknown."""
+    if kill:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except ChildProcessError:
+        return -1
+
+
+# What crosses the pipe: plain tuples and lists (marshal takes no classes), columns rather than
+# rows, and one object per distinct dtype and shape, which marshal then sends once.
+_dtype, _shape, _begin, _end = itemgetter(1), itemgetter(2), itemgetter(3), itemgetter(4)
+
+
+def _pack(h: SafetensorsHeader) -> tuple:
+    entries = h.tensors.values()
+    same: dict = {}
+    return (h.file_size, h.data_start, h.metadata, list(h.tensors),
+            [same.setdefault(d, d) for d in map(_dtype, entries)],
+            [same.setdefault(s, s) for s in map(_shape, entries)],
+            list(map(_begin, entries)), list(map(_end, entries)),
+            [tuple(p) for p in h.problems])
+
+
+def _unpack(path: Path, packed: tuple) -> SafetensorsHeader:
+    size, data_start, metadata, names, dtypes, shapes, begins, ends, problems = packed
+    h = SafetensorsHeader(path, size, data_start, metadata)
+    h.tensors = dict(zip(names, map(_new_entry, repeat(TensorEntry), zip(names, dtypes, shapes, begins, ends))))
+    h.problems = [Problem(*p) for p in problems]
+    return h

@@ -1,0 +1,124 @@
+"""Reading shard headers on two cores (fqcheck.checkpoint.parallel): the same headers as reading
+them one by one, whatever the child does (works, crashes, hangs), and no child left behind."""
+import os
+import threading
+import time
+
+import pytest
+
+import fqcheck
+import fqcheck.checkpoint
+from builders import raw_safetensors, save_tiny_model
+from fqcheck.checkpoint import parallel
+from fqcheck.checkpoint.safetensors import read_header
+
+pytestmark = pytest.mark.skipif(not parallel.can_fork(), reason="the two-core reader forks (Linux only)")
+SHARDS = 12
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """A tiny Llama in 12 shards saved by save_pretrained, four of them damaged."""
+    d = save_tiny_model(tmp_path_factory.mktemp("many") / "ckpt", shards=SHARDS)
+    shards = sorted(d.glob("*.safetensors"))
+    assert len(shards) >= parallel.MIN_SHARDS
+    raw_safetensors(shards[1], b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]')  # bad JSON
+    raw_safetensors(shards[-2], {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                 "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8)
+    raw_safetensors(shards[-3], {"__metadata__": None, "\ud800x": {"dtype": "F8_E4M3", "shape": [2 ** 40, 0],
+                                                                   "data_offsets": [0, 0]}})
+    raw_safetensors(shards[5], b'{"t": {"dtype": "X9", "shape": [1], "data_offsets": [0, 1], "dtype": "U8"}}', b"\0")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _single_threaded():
+    """tqdm (used by save_pretrained) leaves a monitor thread running, and fqcheck rightly does
+    not fork while another thread runs: stop it, as a CLI process never has it."""
+    from tqdm._monitor import TMonitor
+    for t in threading.enumerate():
+        if isinstance(t, TMonitor):
+            t.exit()  # its tqdm class starts a new one when next needed
+    assert threading.active_count() == 1
+
+
+def _paths(d):
+    return sorted(d.glob("*.safetensors"))
+
+
+def _no_children():
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+def test_same_headers_as_one_by_one(many_shards, monkeypatch):
+    delivered = []
+    unpack = parallel._unpack
+    monkeypatch.setattr(parallel, "_unpack", lambda p, packed: delivered.append(p) or unpack(p, packed))
+    paths = _paths(many_shards)
+    serial = [read_header(p) for p in paths]
+    assert sum(bool(h.problems) for h in serial) == 4
+    # first() holds this process back, so the child gets to read the shards (tiny headers take
+    # less time than the fork itself otherwise)
+    assert parallel.read_headers(paths, first=lambda: time.sleep(0.5)) == serial
+    assert delivered, "the child read no shard"
+    _no_children()
+
+
+def test_first_runs_once_while_the_child_reads(many_shards):
+    calls = []
+    parallel.read_headers(_paths(many_shards), first=lambda: calls.append(1))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("failure", ["crash", "exit"])
+def test_a_failing_child_changes_nothing(many_shards, monkeypatch, failure):
+    def broken(h):
+        if failure == "exit":
+            os._exit(3)
+        raise RuntimeError("child failure")
+    monkeypatch.setattr(parallel, "_pack", broken)  # what the forked child runs on every shard
+    paths = _paths(many_shards)
+    assert parallel.read_headers(paths, first=lambda: time.sleep(0.2)) == [read_header(p) for p in paths]
+    _no_children()
+
+
+def test_a_stuck_child_is_killed_and_its_shards_read_here(many_shards, monkeypatch):
+    monkeypatch.setattr(parallel, "_pack", lambda h: time.sleep(600))
+    paths = _paths(many_shards)
+    t = time.monotonic()
+    assert parallel.read_headers(paths, first=lambda: time.sleep(0.2)) == [read_header(p) for p in paths]
+    assert time.monotonic() - t < 30
+    _no_children()
+
+
+def test_an_error_in_first_kills_the_child(many_shards):
+    def first():
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        parallel.read_headers(_paths(many_shards), first=first)
+    _no_children()
+
+
+def test_no_fork_while_other_threads_run(many_shards):
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert not parallel.can_fork()
+        paths = _paths(many_shards)
+        assert parallel.read_headers(paths) == [read_header(p) for p in paths]
+    finally:
+        stop.set()
+        t.join()
+    assert parallel.can_fork()
+
+
+def test_lint_finds_the_same_either_way(many_shards, monkeypatch):
+    read_json = fqcheck.checkpoint.Checkpoint._read_json
+    monkeypatch.setattr(fqcheck.checkpoint.Checkpoint, "_read_json", lambda self: time.sleep(0.3) or read_json(self))
+    two_cores = fqcheck.lint(many_shards)
+    monkeypatch.setattr(parallel, "MIN_SHARDS", 10 ** 9)
+    one_core = fqcheck.lint(many_shards)
+    assert two_cores.findings == one_core.findings
+    assert {f.code for f in one_core.findings} >= {"SFT001", "SFT002", "SFT003", "SFT006"}
