@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
             if argv is None:
                 gc.disable()  # before the imports too (see lint_command)
             from .gate import lint_command
+            if argv is None and not (kwargs["deep"] or kwargs["arch"]):
+                from .checkpoint import retain_until_exit
+                retain_until_exit()  # this process ends with os._exit, below
             code = lint_command(**kwargs)
             if argv is None and not (kwargs["deep"] or kwargs["arch"]):
                 # A header-only run holds nothing to clean up; skip the interpreter's teardown,

@@ -10,6 +10,7 @@ functions below only: this module is imported on every lint.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import weakref
@@ -40,15 +41,17 @@ QUANT_LAYOUTS: dict[str, tuple[tuple[str, ...], bool]] = {
 UNKNOWN_QUANT: tuple[tuple[str, ...], bool] = ((), True)  # a method we do not know: no ARC003 on weights
 
 # QNT001 reports leaked quantizer state (`*_quantizer._amax`, ...); ARC001 leaves those names to it.
-try:  # the quantizer-state module, when it is on this branch (torch-free at import)
-    from ..quant.state import LEAK_RE as _LEAK_RE  # type: ignore
-except ImportError:  # pragma: no cover - depends on what is merged
-    _LEAK_RE = None
 _QUANTIZER_RE = re.compile(r"_quantizers?(\.\d+)*\.")
 
 
 def is_quantizer_state(name: str) -> bool:
-    return bool(_QUANTIZER_RE.search(name) or (_LEAK_RE is not None and _LEAK_RE.match(name)))
+    return bool(_QUANTIZER_RE.search(name) or _leak_re().match(name))
+
+
+@functools.cache
+def _leak_re() -> re.Pattern:
+    from ..quant import state  # imported when ARC runs, not on the header-only path
+    return state.LEAK_RE
 
 
 @dataclass

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import weakref
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import islice
-from pathlib import Path, PureWindowsPath
+from itertools import islice, repeat
+from operator import eq
+from pathlib import Path
 from typing import Iterator
 
 from ..catalog import schema_path
@@ -72,11 +73,11 @@ class IndexView:
 
     @cached_property
     def exact(self) -> bool:
-        """The usual, clean case: each readable shard's tensors are listed, each mapped to that
-        shard, and no entry maps another tensor to it. Then IDX004 and IDX005 have nothing."""
-        per_file = Counter(self.weight_map.values())
-        return all(len(h.tensors) == per_file.get(f, 0) == self.placed[f].count(f) and not
-                   any(p.tensor for p in h.problems) for f, h in self.readable.items())
+        """The usual, clean case, when IDX004 and IDX005 have nothing: the index maps each tensor
+        of each readable shard to that shard, and has no other entry."""
+        get = self.weight_map.get
+        return (len(self.weight_map) == sum(len(h.tensors) for h in self.readable.values())
+                and all(all(map(eq, map(get, h.tensors), repeat(f))) for f, h in self.readable.items()))
 
 
 _VIEWS: "weakref.WeakKeyDictionary[Checkpoint, IndexView]" = weakref.WeakKeyDictionary()
@@ -138,7 +139,7 @@ def _build(ckpt: Checkpoint) -> IndexView:
                 v.escapes[name] = why
     v.members = sorted(m for m in v.members if m not in v.escapes)
     for name in v.members:
-        why = _unreadable_path(ckpt.root / name)
+        why = _unreadable_path(os.path.join(ckpt.root, name))
         if why:
             v.missing[name] = why
         else:
@@ -187,23 +188,27 @@ def _norm(s: str) -> str:
 
 def _escape(root: Path, raw: str, allowed: list[str]) -> str | None:
     """Why `raw` (relative to root) leads outside the checkpoint, or None. Only lstat/readlink."""
-    if raw.startswith(("/", "\\")) or PureWindowsPath(raw).drive:
+    if raw.startswith(("/", "\\")) or raw[1:2] == ":":  # a Windows drive, as ntpath.splitdrive sees one
         return "is an absolute path"
-    if ".." in re.split(r"[/\\]", raw):
+    parts = re.split(r"[/\\]", raw)
+    if ".." in parts:
         return "has a '..' component"
     p = os.path.join(root, raw)
     try:
-        if not os.path.lexists(p):
+        if len(parts) == 1:  # the usual case, a file of the checkpoint folder: one lstat
+            if not stat.S_ISLNK(os.lstat(p).st_mode):
+                return None
+        elif not os.path.lexists(p):
             return None  # missing: IDX003's business
         real = os.path.realpath(p)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # missing too
         return None
     if not inside(real, allowed):
         return f"is a link that resolves to {real}, outside the checkpoint directory"
     return None
 
 
-def _unreadable_path(p: Path) -> str | None:
+def _unreadable_path(p: str) -> str | None:
     try:
         if os.path.isfile(p):
             return None
@@ -274,6 +279,8 @@ def expected_total_size(ckpt: Checkpoint, files: list[str] | None = None) -> int
     each tensor name counted once. `files` defaults to the shards loaders read. None when one of
     them is missing or unreadable (the figure cannot be known)."""
     v = index_view(ckpt)
+    if files is None and len(v.readable) == len(v.members) and not v.repeats:
+        return sum(h.tensor_bytes for h in v.readable.values())  # the usual case, from shared sets
     files = v.members if files is None else files
     seen: set[str] = set()
     total = 0

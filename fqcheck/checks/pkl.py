@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..checkpoint import Checkpoint
-from ..checkpoint.pickle_scan import scan_cached
 from ..engine import Hit, check
 
 MAX_LISTED = 8
@@ -12,6 +11,10 @@ MAX_LISTED = 8
 
 @check("PKL001")
 def unsafe_globals(ckpt: Checkpoint) -> Iterator[Hit]:
+    if not ckpt.pickle_names:
+        return
+    from ..checkpoint.pickle_scan import scan_cached  # imported only when there are pickle files
+
     for name in ckpt.pickle_names:
         bad = scan_cached(ckpt, name).unsafe_globals()
         if bad:

@@ -5,7 +5,6 @@ import re
 from typing import Iterator
 
 from ..checkpoint import STATE_NAME, Checkpoint
-from ..checkpoint.pickle_scan import scan_cached
 from ..engine import Hit, check
 from ..fix.edits import DropTensor
 
@@ -53,6 +52,7 @@ def state_file(ckpt: Checkpoint, **options) -> Iterator[Hit]:
 def state_file_header_problems(ckpt: Checkpoint) -> Iterator[Hit]:
     if STATE_NAME not in ckpt.names:
         return
+    from ..checkpoint.pickle_scan import scan_cached  # imported only when there is a state file
     why = scan_cached(ckpt, STATE_NAME).weights_only_refusal()
     if why:
         yield Hit(f"{STATE_NAME} cannot be loaded with torch.load(weights_only=True) as vLLM's "

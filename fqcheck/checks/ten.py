@@ -5,7 +5,6 @@ from typing import Iterator
 
 from ..checkpoint import Checkpoint
 from ..checkpoint import safetensors as st
-from ..checkpoint.pickle_scan import scan_cached
 from ..engine import Hit, check
 
 MAX_LISTED = 8
@@ -16,6 +15,10 @@ LM_HEAD = "lm_head.weight"
 
 @check("TEN001")
 def meta_tensors(ckpt: Checkpoint) -> Iterator[Hit]:
+    if not ckpt.pickle_names:
+        return
+    from ..checkpoint.pickle_scan import scan_cached  # imported only when there are pickle files
+
     for name in ckpt.pickle_names:
         scan = scan_cached(ckpt, name)
         n = scan.meta_count
