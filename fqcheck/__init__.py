@@ -6,7 +6,16 @@
 """
 __version__ = "0.1.0"
 
-from .api import Finding, Report, lint  # noqa: E402  (after __version__, which submodules read)
-from . import fix  # noqa: E402 - a callable package, cheap to import: fqcheck.fix(path, ...) -> FixResult
-
 __all__ = ["Finding", "Report", "lint", "fix", "__version__"]
+
+
+def __getattr__(name: str):
+    # Loaded on first use, so that `fqcheck lint` can start reading shard headers
+    # (fqcheck.checkpoint) before it imports the engine, the catalog and the checks.
+    if name in ("Finding", "Report", "lint"):
+        from . import api
+        return getattr(api, name)
+    if name == "fix":  # a callable package: fqcheck.fix(path, ...) -> FixResult
+        import importlib
+        return importlib.import_module(f"{__name__}.fix")  # binds fqcheck.fix to the package
+    raise AttributeError(f"module 'fqcheck' has no attribute {name!r}")

@@ -93,10 +93,12 @@ def main(argv: list[str] | None = None) -> None:
         if kwargs is not None:
             if argv is None:
                 gc.disable()  # before the imports too (see lint_command)
+                if not (kwargs["deep"] or kwargs["arch"]):
+                    from .checkpoint import preopen, retain_until_exit
+                    retain_until_exit()  # this process ends with os._exit, below
+                    if len(kwargs["paths"]) == 1:
+                        preopen(kwargs["paths"][0])  # headers are read while the rest is imported
             from .gate import lint_command
-            if argv is None and not (kwargs["deep"] or kwargs["arch"]):
-                from .checkpoint import retain_until_exit
-                retain_until_exit()  # this process ends with os._exit, below
             code = lint_command(**kwargs)
             if argv is None and not (kwargs["deep"] or kwargs["arch"]):
                 # A header-only run holds nothing to clean up; skip the interpreter's teardown,

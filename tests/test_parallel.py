@@ -1,6 +1,9 @@
 """Reading shard headers on two cores (fqcheck.checkpoint.parallel): the same headers as reading
 them one by one, whatever the child does (works, crashes, hangs), and no child left behind."""
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -9,7 +12,7 @@ import pytest
 import fqcheck
 import fqcheck.checkpoint
 from builders import raw_safetensors, save_tiny_model
-from fqcheck.checkpoint import parallel
+from fqcheck.checkpoint import Checkpoint, CheckpointError, parallel, preopen
 from fqcheck.checkpoint.safetensors import read_header
 
 pytestmark = pytest.mark.skipif(not parallel.can_fork(), reason="the two-core reader forks (Linux only)")
@@ -42,6 +45,12 @@ def _single_threaded():
     assert threading.active_count() == 1
 
 
+def read_headers(paths, first=lambda: None):
+    pending = parallel.HeaderPrefetch(paths)  # the child starts now
+    first()  # this process's other work
+    return pending.finish()
+
+
 def _paths(d):
     return sorted(d.glob("*.safetensors"))
 
@@ -60,14 +69,14 @@ def test_same_headers_as_one_by_one(many_shards, monkeypatch):
     assert sum(bool(h.problems) for h in serial) == 4
     # first() holds this process back, so the child gets to read the shards (tiny headers take
     # less time than the fork itself otherwise)
-    assert parallel.read_headers(paths, first=lambda: time.sleep(0.5)) == serial
+    assert read_headers(paths, first=lambda: time.sleep(0.5)) == serial
     assert delivered, "the child read no shard"
     _no_children()
 
 
 def test_first_runs_once_while_the_child_reads(many_shards):
     calls = []
-    parallel.read_headers(_paths(many_shards), first=lambda: calls.append(1))
+    read_headers(_paths(many_shards), first=lambda: calls.append(1))
     assert calls == [1]
 
 
@@ -79,7 +88,7 @@ def test_a_failing_child_changes_nothing(many_shards, monkeypatch, failure):
         raise RuntimeError("child failure")
     monkeypatch.setattr(parallel, "_pack", broken)  # what the forked child runs on every shard
     paths = _paths(many_shards)
-    assert parallel.read_headers(paths, first=lambda: time.sleep(0.2)) == [read_header(p) for p in paths]
+    assert read_headers(paths, first=lambda: time.sleep(0.2)) == [read_header(p) for p in paths]
     _no_children()
 
 
@@ -87,7 +96,7 @@ def test_a_stuck_child_is_killed_and_its_shards_read_here(many_shards, monkeypat
     monkeypatch.setattr(parallel, "_pack", lambda h: time.sleep(600))
     paths = _paths(many_shards)
     t = time.monotonic()
-    assert parallel.read_headers(paths, first=lambda: time.sleep(0.2)) == [read_header(p) for p in paths]
+    assert read_headers(paths, first=lambda: time.sleep(0.2)) == [read_header(p) for p in paths]
     assert time.monotonic() - t < 30
     _no_children()
 
@@ -96,8 +105,8 @@ def test_an_error_in_first_kills_the_child(many_shards):
     def first():
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        parallel.read_headers(_paths(many_shards), first=first)
-    _no_children()
+        read_headers(_paths(many_shards), first=first)
+    _no_children()  # the unfinished HeaderPrefetch was dropped: its finalizer killed and reaped the child
 
 
 def test_no_fork_while_other_threads_run(many_shards):
@@ -107,7 +116,7 @@ def test_no_fork_while_other_threads_run(many_shards):
     try:
         assert not parallel.can_fork()
         paths = _paths(many_shards)
-        assert parallel.read_headers(paths) == [read_header(p) for p in paths]
+        assert read_headers(paths) == [read_header(p) for p in paths]
     finally:
         stop.set()
         t.join()
@@ -122,3 +131,38 @@ def test_lint_finds_the_same_either_way(many_shards, monkeypatch):
     one_core = fqcheck.lint(many_shards)
     assert two_cores.findings == one_core.findings
     assert {f.code for f in one_core.findings} >= {"SFT001", "SFT002", "SFT003", "SFT006"}
+
+
+def test_preopen_hands_its_started_checkpoint_to_the_next_open(many_shards):
+    preopen(many_shards)
+    ckpt = Checkpoint.open(many_shards)
+    assert ckpt._prefetch is not None  # the child started at preopen
+    assert Checkpoint.open(many_shards) is not ckpt  # handed over once: later opens start afresh
+    ckpt.prefetch()
+    assert [ckpt.header(p.name) for p in _paths(many_shards)] == [read_header(p) for p in _paths(many_shards)]
+    _no_children()
+
+
+def test_preopen_leaves_an_interrupted_fix_to_the_recovery(many_shards, tmp_path):
+    (many_shards / ".fqcheck").mkdir()
+    try:
+        preopen(many_shards)  # recovering the journal may rewrite shards: nothing is read early
+        assert Checkpoint.open(many_shards)._prefetch is None
+    finally:
+        (many_shards / ".fqcheck").rmdir()
+    preopen(tmp_path / "missing")
+    with pytest.raises(CheckpointError):
+        Checkpoint.open(tmp_path / "missing")
+    _no_children()
+
+
+def test_the_cli_reports_what_the_api_does(many_shards):
+    # `fqcheck lint DIR` preopens DIR before its imports; the child must not hold the output pipe
+    t = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "fqcheck", "lint", str(many_shards), "-f", "json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    cli = json.loads(out.stdout)["findings"]
+    api = [f.as_dict() for f in fqcheck.lint(many_shards).findings]
+    assert cli == api and {f["code"] for f in cli} >= {"SFT001", "SFT003"}
+    assert time.monotonic() - t < 60

@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .parallel import read_headers
+from .parallel import HeaderPrefetch
 from .safetensors import SafetensorsHeader, TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -31,6 +31,21 @@ class JsonFile:
 
 
 _RETAINED: list | None = None
+_PREOPENED: dict[Path, "Checkpoint"] = {}
+
+
+def preopen(path: str | os.PathLike) -> None:
+    """Open a checkpoint directory and start reading its shard headers, for the next
+    Checkpoint.open(path): `fqcheck lint` calls this first thing, so the reading overlaps its
+    imports and set-up. Skipped (the later open does everything) for anything unusual, and when
+    a fix's journal is there: recovering it may rewrite the shards first."""
+    p = Path(path)
+    try:
+        if p.is_dir() and not (p / BACKUP_DIR).exists():
+            ckpt = _PREOPENED[p] = Checkpoint(p)
+            ckpt.start_prefetch()
+    except OSError:
+        _PREOPENED.pop(p, None)
 
 
 def retain_until_exit() -> None:
@@ -44,12 +59,16 @@ class Checkpoint:
     def __init__(self, root: Path, only: str | None = None):
         self.root = root
         self._only = only
+        self._prefetch: tuple | None = None  # (names, HeaderPrefetch or None once finished)
         if _RETAINED is not None:
             _RETAINED.append(self)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
         p = Path(path)
+        early = _PREOPENED.pop(p, None)
+        if early is not None:
+            return early
         if p.is_dir():
             return cls(p)
         if p.is_file() and (p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES):
@@ -105,13 +124,23 @@ class Checkpoint:
     def headers(self) -> dict[str, SafetensorsHeader]:
         return self._headers
 
+    def start_prefetch(self) -> None:
+        """Start reading every shard header on a second core (see .parallel); prefetch() finishes.
+        A link that leads outside the checkpoint is left for the rules to judge (IDX009) first."""
+        if self._prefetch is None:
+            todo = [n for n in self.safetensors_names if n not in self._header_cache and self._stays_inside(n)]
+            self._prefetch = (todo, HeaderPrefetch([self.path(n) for n in todo]))
+
     def prefetch(self) -> None:
-        """Read the index, config.json and every shard header now, the headers on two cores
-        (see .parallel): what header-level rules need, in less wall time than one by one. A link
-        that leads outside the checkpoint is left for the rules to judge (IDX009) before reading."""
-        todo = [n for n in self.safetensors_names if n not in self._header_cache and self._stays_inside(n)]
-        for n, h in zip(todo, read_headers([self.path(n) for n in todo], first=self._read_json)):
-            self._header_cache[n] = h
+        """Read the index, config.json and every shard header now, the headers on two cores:
+        what header-level rules need, in less wall time than one by one."""
+        self.start_prefetch()
+        self._read_json()  # while the child reads headers
+        todo, pending = self._prefetch
+        if pending is not None:
+            self._prefetch = (todo, None)
+            for n, h in zip(todo, pending.finish()):
+                self._header_cache[n] = h
 
     def _stays_inside(self, name: str) -> bool:
         p = self.path(name)

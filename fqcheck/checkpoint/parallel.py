@@ -2,7 +2,7 @@
 
 A large checkpoint's headers are mostly JSON to parse and validate (90k entries on DeepSeek-R1),
 which CPython does on one core. Here a forked child takes shards from the back of the list while
-this process first does `first()` (e.g. parse the index, which no header needs) and then takes
+this process does other work (imports, parsing the index, which no header needs) and then takes
 shards from the front; they meet wherever their speeds put them, so no cost model is needed.
 
 Each shard is claimed in a shared byte array before it is read. Both sides may claim the one shard
@@ -21,10 +21,10 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
-from typing import Callable
 
 from .safetensors import Problem, SafetensorsHeader, TensorEntry, read_header
 
@@ -38,47 +38,69 @@ def can_fork() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "fork") and threading.active_count() == 1
 
 
-def read_headers(paths: list[Path], first: Callable[[], None] = lambda: None) -> list[SafetensorsHeader]:
-    """The headers of `paths`, in order, as read_header gives them. `first()` runs in this process
-    while the child starts on the last shards."""
-    if len(paths) < MIN_SHARDS or not can_fork():
-        first()
-        return [read_header(p) for p in paths]
-    claims = mmap.mmap(-1, len(paths))  # anonymous: shared with the child after fork
-    rfd, wfd = os.pipe()
-    _widen(wfd)
-    pid = os.fork()
-    if pid == 0:  # the child: never returns, never runs the parent's cleanup or flushes its buffers
-        code = 1
+class HeaderPrefetch:
+    """Shard headers being read by a forked child from now on; finish() returns them all. Only
+    one process reads when there are few shards or forking is not safe."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self._pid = None
+        if len(paths) < MIN_SHARDS or not can_fork():
+            return
+        self._claims = mmap.mmap(-1, len(paths))  # anonymous: shared with the child after fork
+        rfd, wfd = os.pipe()
+        _widen(wfd)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns, never runs the parent's cleanup or flushes its buffers
+            code = 1
+            try:
+                os.close(rfd)
+                _detach_stdio()
+                _child(paths, self._claims, wfd)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        self._pid, self._rfd, self._start = pid, rfd, time.monotonic()
+        self._child = [pid]  # emptied once reaped: a reaped pid may belong to another process
+        # finish() runs it; so does dropping this unfinished (an error on the way): no child left
+        self._cleanup = weakref.finalize(self, _abandon, rfd, self._child)
+
+    def finish(self) -> list[SafetensorsHeader]:
+        if self._pid is None:
+            return [read_header(p) for p in self.paths]
+        got: dict[int, SafetensorsHeader] = {}
+        theirs: dict[int, tuple] = {}
         try:
-            os.close(rfd)
-            _child(paths, claims, wfd)
-            code = 0
+            for i in range(len(self.paths)):
+                if self._claims[i]:
+                    break  # the child has it, and everything after it
+                self._claims[i] = 1
+                got[i] = read_header(self.paths[i])
+            # The child normally finishes with us; a stuck one is given up on after many times
+            # the time so far, and its shards are read here.
+            theirs = _receive(self._rfd, self._child, timeout=2.0 + 10 * (time.monotonic() - self._start))
         finally:
-            os._exit(code)
-    os.close(wfd)
-    got: dict[int, SafetensorsHeader] = {}
-    done = False
-    try:
-        start = time.monotonic()
-        first()
-        for i in range(len(paths)):
-            if claims[i]:
-                break  # the child has it, and everything after it
-            claims[i] = 1
-            got[i] = read_header(paths[i])
-        # The child normally finishes with us; a stuck one is given up on after many times our own
-        # time, and its shards are read here.
-        theirs = _receive(rfd, pid, timeout=2.0 + 10 * (time.monotonic() - start))
-        done = True
-    finally:
-        os.close(rfd)
-        if not done:
-            _reap(pid, kill=True)
-    for i, packed in theirs.items():
-        if i not in got:
-            got[i] = _unpack(paths[i], packed)
-    return [got[i] if i in got else read_header(p) for i, p in enumerate(paths)]
+            self._cleanup()  # closes the pipe; kills and reaps the child unless _receive did
+        for i, packed in theirs.items():
+            if i not in got:
+                got[i] = _unpack(self.paths[i], packed)
+        return [got[i] if i in got else read_header(p) for i, p in enumerate(self.paths)]
+
+
+def _detach_stdio() -> None:
+    """The child never prints: let go of the terminal or pipes it inherited, so that whoever
+    reads this process's output sees it end when this process does."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _abandon(rfd: int, child: list[int]) -> None:
+    os.close(rfd)
+    if child:
+        _reap(child.pop(), kill=True)
 
 
 def _child(paths: list[Path], claims: mmap.mmap, wfd: int) -> None:
@@ -96,20 +118,20 @@ def _child(paths: list[Path], claims: mmap.mmap, wfd: int) -> None:
     os.close(wfd)
 
 
-def _receive(rfd: int, pid: int, timeout: float) -> dict[int, tuple]:
-    """The child's results, or {} when it does not deliver them whole within `timeout` seconds."""
+def _receive(rfd: int, child: list[int], timeout: float) -> dict[int, tuple]:
+    """The child's results, or {} when it does not deliver them whole within `timeout` seconds
+    (then the caller's cleanup kills it)."""
     chunks = []
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([rfd], [], [], left)[0]:
-            _reap(pid, kill=True)
             return {}
         chunk = os.read(rfd, 1 << 20)
         if not chunk:
             break
         chunks.append(chunk)
-    if _reap(pid, kill=False) != 0:
+    if _reap(child.pop(), kill=False) != 0:
         return {}
     try:
         return dict(map(marshal.loads, marshal.loads(b"".join(chunks))))

@@ -64,6 +64,8 @@ class IndexView:
     @cached_property
     def repeats(self) -> bool:
         """Some tensor name is held by more than one readable shard."""
+        if self.usable and self.exact:
+            return False  # each name maps to the one shard that holds it
         return len(self.held) != sum(len(h.tensors) for h in self.readable.values())
 
     @cached_property
