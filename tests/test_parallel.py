@@ -166,3 +166,11 @@ def test_the_cli_reports_what_the_api_does(many_shards):
     api = [f.as_dict() for f in fqcheck.lint(many_shards).findings]
     assert cli == api and {f["code"] for f in cli} >= {"SFT001", "SFT003"}
     assert time.monotonic() - t < 60
+
+
+def test_no_fork_available_means_one_process_reads(many_shards, monkeypatch):
+    def refuse():
+        raise BlockingIOError(11, "Resource temporarily unavailable")  # what fork says at RLIMIT_NPROC
+    monkeypatch.setattr(os, "fork", refuse)
+    paths = _paths(many_shards)
+    assert read_headers(paths) == [read_header(p) for p in paths]

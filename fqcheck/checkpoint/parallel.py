@@ -47,10 +47,18 @@ class HeaderPrefetch:
         self._pid = None
         if len(paths) < MIN_SHARDS or not can_fork():
             return
-        self._claims = mmap.mmap(-1, len(paths))  # anonymous: shared with the child after fork
-        rfd, wfd = os.pipe()
+        try:
+            self._claims = mmap.mmap(-1, len(paths))  # anonymous: shared with the child after fork
+            rfd, wfd = os.pipe()
+        except OSError:
+            return  # out of memory maps or descriptors: one process reads
         _widen(wfd)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # e.g. a process limit: one process reads
+            os.close(rfd)
+            os.close(wfd)
+            return
         if pid == 0:  # the child: never returns, never runs the parent's cleanup or flushes its buffers
             code = 1
             try:
