@@ -140,7 +140,7 @@ class Checkpoint:
         if pending is not None:
             self._prefetch = (todo, None)
             for n, h in zip(todo, pending.finish()):
-                self._header_cache[n] = h
+                self._header_cache.setdefault(n, h)  # a rule may have read one meanwhile: keep that
 
     def _stays_inside(self, name: str) -> bool:
         p = self.path(name)
