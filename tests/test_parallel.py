@@ -174,3 +174,21 @@ def test_no_fork_available_means_one_process_reads(many_shards, monkeypatch):
     monkeypatch.setattr(os, "fork", refuse)
     paths = _paths(many_shards)
     assert read_headers(paths) == [read_header(p) for p in paths]
+
+
+def test_what_a_dying_child_delivered_is_kept(many_shards, monkeypatch):
+    pack, packed = parallel._pack, []
+
+    def dies_on_the_third(h):
+        if len(packed) == 2:
+            os._exit(9)  # killed mid-way, after sending two whole frames
+        packed.append(h)
+        return pack(h)
+    delivered = []
+    unpack = parallel._unpack
+    monkeypatch.setattr(parallel, "_pack", dies_on_the_third)
+    monkeypatch.setattr(parallel, "_unpack", lambda p, x: delivered.append(p) or unpack(p, x))
+    paths = _paths(many_shards)
+    assert read_headers(paths, first=lambda: time.sleep(0.5)) == [read_header(p) for p in paths]
+    assert delivered == paths[-2:][::-1]  # the child's two, from the back; the rest read here
+    _no_children()

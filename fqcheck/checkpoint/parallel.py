@@ -6,9 +6,10 @@ this process does other work (imports, parsing the index, which no header needs)
 shards from the front; they meet wherever their speeds put them, so no cost model is needed.
 
 Each shard is claimed in a shared byte array before it is read. Both sides may claim the one shard
-they meet at (the claim is not atomic): then it is read twice, never missed. The child sends what
-it read as one marshal blob; whatever it fails to deliver (it crashed, was killed, got stuck) this
-process reads itself, so the outcome never depends on the child.
+they meet at (the claim is not atomic): then it is read twice, never missed. The child sends each
+shard it read as a length-prefixed marshal frame, which this process takes in between its own
+shards; whatever the child fails to deliver (it crashed, was killed, got stuck) this process reads
+itself, so the outcome never depends on the child.
 """
 from __future__ import annotations
 
@@ -69,7 +70,9 @@ class HeaderPrefetch:
             finally:
                 os._exit(code)
         os.close(wfd)
+        os.set_blocking(rfd, False)  # taken in between our own shards: never wait for it there
         self._pid, self._rfd, self._start = pid, rfd, time.monotonic()
+        self._inbox = _Inbox(rfd)
         self._child = [pid]  # emptied once reaped: a reaped pid may belong to another process
         # finish() runs it; so does dropping this unfinished (an error on the way): no child left
         self._cleanup = weakref.finalize(self, _abandon, rfd, self._child)
@@ -78,22 +81,32 @@ class HeaderPrefetch:
         if self._pid is None:
             return [read_header(p) for p in self.paths]
         got: dict[int, SafetensorsHeader] = {}
-        theirs: dict[int, tuple] = {}
+        inbox = self._inbox
         try:
             for i in range(len(self.paths)):
                 if self._claims[i]:
                     break  # the child has it, and everything after it
                 self._claims[i] = 1
                 got[i] = read_header(self.paths[i])
+                self._take(inbox.read(), got)
             # The child normally finishes with us; a stuck one is given up on after many times
             # the time so far, and its shards are read here.
-            theirs = _receive(self._rfd, self._child, timeout=2.0 + 10 * (time.monotonic() - self._start))
+            deadline = time.monotonic() + 2.0 + 10 * (time.monotonic() - self._start)
+            while not inbox.closed and select.select([self._rfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                self._take(inbox.read(), got)
+            if inbox.closed:
+                _reap(self._child.pop(), kill=False)
         finally:
-            self._cleanup()  # closes the pipe; kills and reaps the child unless _receive did
-        for i, packed in theirs.items():
-            if i not in got:
-                got[i] = _unpack(self.paths[i], packed)
+            self._cleanup()  # closes the pipe; kills and reaps the child if it is still there
         return [got[i] if i in got else read_header(p) for i, p in enumerate(self.paths)]
+
+    def _take(self, frames: list[bytes], got: dict) -> None:
+        for frame in frames:
+            try:
+                i, packed = marshal.loads(frame)
+            except (EOFError, ValueError, TypeError):
+                continue  # cannot happen with our own child; its shard is then read here
+            got.setdefault(i, _unpack(self.paths[i], packed))
 
 
 def _detach_stdio() -> None:
@@ -113,38 +126,43 @@ def _abandon(rfd: int, child: list[int]) -> None:
 
 def _child(paths: list[Path], claims: mmap.mmap, wfd: int) -> None:
     gc.disable()  # nothing here makes cycles
-    out = []
     for i in range(len(paths) - 1, -1, -1):
         if claims[i]:
             break
         claims[i] = 1
-        # serialized as it goes: the claims then count this cost, and little is left at the end
-        out.append(marshal.dumps((i, _pack(read_header(paths[i])))))
-    view = memoryview(marshal.dumps(out))
-    while view:
-        view = view[os.write(wfd, view):]
+        blob = marshal.dumps((i, _pack(read_header(paths[i]))))
+        view = memoryview(len(blob).to_bytes(8, "little") + blob)
+        while view:
+            view = view[os.write(wfd, view):]
     os.close(wfd)
 
 
-def _receive(rfd: int, child: list[int], timeout: float) -> dict[int, tuple]:
-    """The child's results, or {} when it does not deliver them whole within `timeout` seconds
-    (then the caller's cleanup kills it)."""
-    chunks = []
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([rfd], [], [], left)[0]:
-            return {}
-        chunk = os.read(rfd, 1 << 20)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    if _reap(child.pop(), kill=False) != 0:
-        return {}
-    try:
-        return dict(map(marshal.loads, marshal.loads(b"".join(chunks))))
-    except (EOFError, ValueError, TypeError):
-        return {}
+class _Inbox:
+    """The child's frames as they arrive on a non-blocking pipe: whole frames only, so a child
+    that dies mid-write leaves nothing half-read behind."""
+
+    def __init__(self, rfd: int):
+        self._rfd, self._buf, self.closed = rfd, bytearray(), False
+
+    def read(self) -> list[bytes]:
+        while True:
+            try:
+                chunk = os.read(self._rfd, 1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self.closed = True
+                break
+            self._buf += chunk
+        frames, buf, pos = [], self._buf, 0
+        while len(buf) - pos >= 8:
+            end = pos + 8 + int.from_bytes(buf[pos:pos + 8], "little")
+            if end > len(buf):
+                break
+            frames.append(bytes(buf[pos + 8:end]))
+            pos = end
+        del buf[:pos]
+        return frames
 
 
 def _widen(fd: int) -> None:
