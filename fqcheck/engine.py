@@ -110,7 +110,9 @@ def run(ckpt: Checkpoint, rules: list[Rule], options: dict | None = None,
     gc.disable()
     try:
         if rules:
-            ckpt.prefetch()
+            ckpt.start_prefetch()  # the shard headers are read on a second core while
+            _import_checks()       # the checks are imported
+            ckpt.prefetch()        # and the index is parsed here
         return _run(ckpt, rules, options, severity)
     finally:
         if was_enabled:
