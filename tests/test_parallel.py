@@ -74,12 +74,6 @@ def test_same_headers_as_one_by_one(many_shards, monkeypatch):
     _no_children()
 
 
-def test_first_runs_once_while_the_child_reads(many_shards):
-    calls = []
-    read_headers(_paths(many_shards), first=lambda: calls.append(1))
-    assert calls == [1]
-
-
 @pytest.mark.parametrize("failure", ["crash", "exit"])
 def test_a_failing_child_changes_nothing(many_shards, monkeypatch, failure):
     def broken(h):
