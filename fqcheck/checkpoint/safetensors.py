@@ -223,7 +223,7 @@ def _parse_fast(hdr: SafetensorsHeader, obj: dict, text: str) -> bool:
         except (KeyError, TypeError):
             return False
         if size_of is None:
-            return False  # long shapes among them: the slow path bounds the product stepwise
+            return False  # a kind _kind_bytes cannot vouch for: the slow path names the problem
         flat = list(chain.from_iterable(offsets))  # a pair of ints, or a str/object of length 2
         if _types(flat) != _INT:
             return False
