@@ -193,6 +193,8 @@ def test_mutated_headers_agree_with_safetensors(data):
     b'{"a":{"dtype":"F32","shape":[18446744073709551615,0],"data_offsets":[0,0]}}',
     b'{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}',
     b'{"a":{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1.0],"data_offsets":[4,8]}}',
+    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[true],"data_offsets":[4,8]}}',
     b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}\x00',
     b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":{"y":1}}}',       # extra key: allowed
     b'{"\\u0000duplicates":["a"]}',

@@ -217,6 +217,8 @@ def _parse_fast(hdr: SafetensorsHeader, obj: dict, text: str) -> bool:
             offsets = list(map(_get_offsets, infos))
             if _types(shapes) != _LIST or set(map(len, offsets)) != _TWO:
                 return False
+            if not _types(chain.from_iterable(shapes)) <= _INT:
+                return False  # 1.0 and True equal 1: the kinds below would not tell them apart
             shapes = list(map(tuple, shapes))
             kinds = list(zip(dtypes, shapes))
             size_of = _kind_bytes(set(kinds))  # TypeError: an unhashable dtype or dim
