@@ -142,3 +142,20 @@ def test_cfg003_weights_cast_config_kept(tiny_llama):
 def test_cfg003_clean_fp32(tmp_path):
     d = save_tiny_model(tmp_path / "m", dtype=torch.float32)
     assert codes(lint(d, select=["CFG"])) == []
+
+
+@pytest.mark.parametrize("suffix,scale", [("weight_scale", True), ("weight_scale_inv", True), ("extra", False)])
+def test_cfg003_scales_are_not_evidence(tiny_llama, suffix, scale):
+    """F32 scales of a real-quantized export outweigh nothing; the same tensors under other names do."""
+    shard = tiny_llama / "model.safetensors"
+    tensors = load_shard(shard)
+    bf16 = sum(t.numel() for t in tensors.values() if t.dtype == torch.bfloat16)
+    f32 = {f"model.layers.{i}.mlp.down_proj.{suffix}": torch.ones(bf16 // 3 + 1) for i in range(4)}
+    save_shard(shard, {**tensors, **f32})
+    r = lint(tiny_llama, select=["CFG003"])
+    if scale:
+        assert codes(r) == []
+    else:
+        total = bf16 + 4 * (bf16 // 3 + 1)
+        assert codes(r) == [("CFG003", "config.json", None)]
+        assert f"mostly F32 ({4 * (bf16 // 3 + 1)} of {total} floating elements)" in r.findings[0].message

@@ -7,9 +7,10 @@ shards from the front; they meet wherever their speeds put them, so no cost mode
 
 Each shard is claimed in a shared byte array before it is read. Both sides may claim the one shard
 they meet at (the claim is not atomic): then it is read twice, never missed. The child sends each
-shard it read as a length-prefixed marshal frame, which this process takes in between its own
-shards; whatever the child fails to deliver (it crashed, was killed, got stuck) this process reads
-itself, so the outcome never depends on the child.
+shard it read as a length-prefixed marshal frame of the header's columns (the names and a few dtype
+and shape kinds: little to rebuild here), which this process takes in between its own shards;
+whatever the child does not deliver (a damaged header, or it crashed, was killed, got stuck) this
+process reads itself, so the outcome never depends on the child.
 """
 from __future__ import annotations
 
@@ -23,14 +24,11 @@ import sys
 import threading
 import time
 import weakref
-from itertools import repeat
-from operator import itemgetter
 from pathlib import Path
 
-from .safetensors import Problem, SafetensorsHeader, TensorEntry, read_header
+from .safetensors import SafetensorsHeader, columns, from_columns, read_header
 
 MIN_SHARDS = 8  # below this, headers are small and a fork saves nothing
-_new_entry = tuple.__new__
 
 
 def can_fork() -> bool:
@@ -130,7 +128,10 @@ def _child(paths: list[Path], claims: mmap.mmap, wfd: int) -> None:
         if claims[i]:
             break
         claims[i] = 1
-        blob = marshal.dumps((i, _pack(read_header(paths[i]))))
+        packed = _pack(read_header(paths[i]))
+        if packed is None:
+            continue  # the parent reads it
+        blob = marshal.dumps((i, packed))
         view = memoryview(len(blob).to_bytes(8, "little") + blob)
         while view:
             view = view[os.write(wfd, view):]
@@ -187,24 +188,12 @@ def _reap(pid: int, kill: bool) -> int:
         return -1
 
 
-# What crosses the pipe: plain tuples and lists (marshal takes no classes), columns rather than
-# rows, and one object per distinct dtype and shape, which marshal then sends once.
-_dtype, _shape, _begin, _end = itemgetter(1), itemgetter(2), itemgetter(3), itemgetter(4)
-
-
-def _pack(h: SafetensorsHeader) -> tuple:
-    entries = h.tensors.values()
-    same: dict = {}
-    return (h.file_size, h.data_start, h.metadata, list(h.tensors),
-            [same.setdefault(d, d) for d in map(_dtype, entries)],
-            [same.setdefault(s, s) for s in map(_shape, entries)],
-            list(map(_begin, entries)), list(map(_end, entries)),
-            [tuple(p) for p in h.problems])
+def _pack(h: SafetensorsHeader) -> tuple | None:
+    """What crosses the pipe: a header the fast path read, as columns (marshal takes no classes;
+    one object per distinct dtype and shape, which marshal sends once). None for any other: a
+    damaged header is rare, and this process reads it again rather than ship its problems."""
+    return columns(h)
 
 
 def _unpack(path: Path, packed: tuple) -> SafetensorsHeader:
-    size, data_start, metadata, names, dtypes, shapes, begins, ends, problems = packed
-    h = SafetensorsHeader(path, size, data_start, metadata)
-    h.tensors = dict(zip(names, map(_new_entry, repeat(TensorEntry), zip(names, dtypes, shapes, begins, ends))))
-    h.problems = [Problem(*p) for p in problems]
-    return h
+    return from_columns(path, packed)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass, field
-from itertools import chain, repeat
+from collections import Counter
+from functools import cached_property
+from itertools import accumulate, chain, compress, count, repeat
 from math import prod
-from operator import itemgetter, sub
+from operator import itemgetter, not_, sub
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 MAX_HEADER_SIZE = 100_000_000  # the reference reader's cap
 _U64_LIMIT = 1 << 64
@@ -60,14 +61,49 @@ class Problem(NamedTuple):
     tensor: str | None = None
 
 
-@dataclass
 class SafetensorsHeader:
-    path: Path
-    file_size: int
-    data_start: int = 0  # absolute offset of the data buffer (8 + header length)
-    metadata: dict | None = None
-    tensors: dict[str, TensorEntry] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
+    """One file's header: what it declares and what is wrong with it.
+
+    A header read by the fast path keeps its entries as columns: the names, and per name an index
+    into the few distinct (dtype, shape) kinds. `tensors` builds the TensorEntry objects on first
+    use: a header-only lint of a large checkpoint reads ~90k entries and needs few of them."""
+
+    def __init__(self, path: Path, file_size: int, data_start: int = 0, metadata: dict | None = None):
+        self.path = path
+        self.file_size = file_size
+        self.data_start = data_start  # absolute offset of the data buffer (8 + header length)
+        self.metadata = metadata
+        self.problems: list[Problem] = []
+        self._columns: tuple | None = None  # (kinds, ids, offsets), see _parse_fast
+
+    @cached_property
+    def names(self) -> list[str]:
+        """The tensor names, in header order (each entry whose offsets could be read)."""
+        return list(self.tensors)
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorEntry]:
+        return _entries(self.names, *self._columns) if self._columns else {}
+
+    def dtype_bytes(self, skip: Iterable[bool] | None = None) -> dict[str, int]:
+        """Bytes of data per dtype (each dtype with an entry counted), from the entries' byte ranges,
+        leaving out the entries `skip` marks (one bool per name, in `names` order). At C speed on
+        the columns (the count of each kind times its size), without building the entries."""
+        out: dict[str, int] = {}
+        if self._columns is None:
+            entries = self.tensors.values()
+            for e in compress(entries, map(not_, skip)) if skip is not None else entries:
+                out[e.dtype] = out.get(e.dtype, 0) + e.end - e.begin
+            return out
+        kinds, ids, _ = self._columns
+        counts = Counter(ids) if type(ids) is list else {i: ids.count(i) for i in range(len(kinds))}
+        skipped = Counter(compress(ids, skip)) if skip is not None else {}
+        for i, n in counts.items():
+            n -= skipped.get(i, 0)
+            if n:
+                dtype, _, size = kinds[i]
+                out[dtype] = out.get(dtype, 0) + n * size
+        return out
 
     @property
     def readable(self) -> bool:
@@ -83,6 +119,46 @@ class SafetensorsHeader:
 
     def problems_of(self, kind: str) -> list[Problem]:
         return [p for p in self.problems if p.kind == kind]
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, SafetensorsHeader):
+            return NotImplemented
+        return ((self.path, self.file_size, self.data_start, self.metadata, self.problems, self.names, self.tensors)
+                == (other.path, other.file_size, other.data_start, other.metadata, other.problems, other.names,
+                    other.tensors))
+
+    __hash__ = None  # mutable, compared by content
+
+    def __repr__(self) -> str:
+        return f"SafetensorsHeader({str(self.path)!r}, {len(self.names)} tensors, {len(self.problems)} problems)"
+
+
+def _entries(names: list[str], kinds: list[tuple], ids, offsets) -> dict[str, TensorEntry]:
+    """The TensorEntry of each name, from the columns (offsets None: contiguous from 0 in order)."""
+    dtypes, shapes, sizes = (list(c) for c in zip(*kinds)) if kinds else ([], [], [])
+    if offsets is None:
+        ends = list(accumulate(map(sizes.__getitem__, ids)))
+        begins = [0, *ends[:-1]] if ends else []
+    else:
+        begins, ends = offsets
+    rows = zip(names, map(dtypes.__getitem__, ids), map(shapes.__getitem__, ids), begins, ends)
+    return dict(zip(names, map(_new_entry, repeat(TensorEntry), rows)))
+
+
+def columns(h: SafetensorsHeader) -> tuple | None:
+    """A fast-path header as plain data (lists, tuples, bytes: what marshal carries), or None."""
+    if h._columns is None:
+        return None
+    return (h.file_size, h.data_start, h.metadata, h.names, *h._columns, [tuple(p) for p in h.problems])
+
+
+def from_columns(path: Path, cols: tuple) -> SafetensorsHeader:
+    size, data_start, metadata, names, kinds, ids, offsets, problems = cols
+    h = SafetensorsHeader(path, size, data_start, metadata)
+    h.names = names
+    h._columns = (kinds, ids, offsets)
+    h.problems = [Problem(*p) for p in problems]
+    return h
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
@@ -158,13 +234,12 @@ def _types(values) -> set:
     return set(map(type, values))
 
 
-def _kind_bytes(kinds: set) -> dict | None:
-    """(dtype, shape) -> byte size for each distinct kind, or None when one is not plainly valid
-    (unknown dtype, a dim that is not an int >= 1, more than 8 dims, 2^64 elements or more, a
+def _kind_bytes(kinds) -> list[int] | None:
+    """The byte size of each distinct (dtype, shape) kind, in order, or None when one is not plainly
+    valid (unknown dtype, a dim that is not an int >= 1, more than 8 dims, 2^64 elements or more, a
     fraction of a byte): the slow path then reports it exactly. A checkpoint has few kinds."""
-    out = {}
-    for kind in kinds:
-        dtype, shape = kind
+    out = []
+    for dtype, shape in kinds:
         bits = DTYPE_BITS.get(dtype)
         if bits is None or len(shape) > 8:
             return None
@@ -175,7 +250,7 @@ def _kind_bytes(kinds: set) -> dict | None:
             numel *= d
         if numel >= _U64_LIMIT or numel * bits % 8:
             return None
-        out[kind] = numel * bits // 8
+        out.append(numel * bits // 8)
     return out
 
 
@@ -205,7 +280,8 @@ def _parse_fast(hdr: SafetensorsHeader, obj: dict, text: str) -> bool:
             colons += k.count(":") + v.count(":")
         keys += 1 + len(meta)
     names = list(obj)
-    entries = begins = ends = []
+    kinds_of, sizes, ids = {}, [], b""
+    offsets = None
     # Every check runs over whole columns at C speed (map/set/list equality), not per entry in
     # Python, and per distinct (dtype, shape): this is ~90k entries on a DeepSeek-R1-sized
     # checkpoint, with a few dozen kinds.
@@ -219,35 +295,37 @@ def _parse_fast(hdr: SafetensorsHeader, obj: dict, text: str) -> bool:
                 return False
             if not _types(chain.from_iterable(shapes)) <= _INT:
                 return False  # 1.0 and True equal 1: the kinds below would not tell them apart
-            shapes = list(map(tuple, shapes))
-            kinds = list(zip(dtypes, shapes))
-            size_of = _kind_bytes(set(kinds))  # TypeError: an unhashable dtype or dim
+            kinds = list(zip(dtypes, map(tuple, shapes)))
+            kinds_of = dict(zip(dict.fromkeys(kinds), count()))  # kind -> its number, in first-seen order
+            sizes = _kind_bytes(kinds_of)  # TypeError: an unhashable dtype
         except (KeyError, TypeError):
             return False
-        if size_of is None:
+        if sizes is None:
             return False  # a kind _kind_bytes cannot vouch for: the slow path names the problem
         flat = list(chain.from_iterable(offsets))  # a pair of ints, or a str/object of length 2
         if _types(flat) != _INT:
             return False
         begins = flat[0::2]
         ends = flat[1::2]
-        if list(map(size_of.__getitem__, kinds)) != list(map(sub, ends, begins)):
+        ids = (bytes if len(sizes) < 256 else list)(map(kinds_of.__getitem__, kinds))
+        if list(map(sizes.__getitem__, ids)) != list(map(sub, ends, begins)):
             return False  # equal, they also prove begin <= end
         contiguous = begins[0] == 0 and begins[1:] == ends[:-1]  # then begins rise from 0
         if not (ends[-1] < _U64_LIMIT if contiguous else min(begins) >= 0 and max(ends) < _U64_LIMIT):
             return False
-        entries = list(map(_new_entry, repeat(TensorEntry), zip(names, dtypes, shapes, begins, ends)))
-    extra = text.count(":") - keys - 3 * len(entries)
+        offsets = None if contiguous else (begins, ends)  # contiguous: the sizes say it all
+    extra = text.count(":") - keys - 3 * len(names)
     if extra:  # colons inside strings, or duplicate keys: count the former exactly
         colons += sum(map(str.count, names, repeat(":")))
         if extra != colons or "\\u003" in text:
             return False  # maybe a duplicate key somewhere: the slow path names it
     _check_metadata(hdr, meta)
-    hdr.tensors = dict(zip(names, entries))
+    hdr.names = names
+    hdr._columns = ([(*kind, size) for kind, size in zip(kinds_of, sizes)], ids, offsets)
     data_size = hdr.file_size - hdr.data_start
     # Files written by safetensors list tensors in offset order: then contiguity needs no sort.
-    if not (entries and contiguous and ends[-1] == data_size):
-        _check_layout(hdr, entries, data_size)
+    if not (names and offsets is None and ends[-1] == data_size):
+        _check_layout(hdr, list(hdr.tensors.values()), data_size)
     return True
 
 

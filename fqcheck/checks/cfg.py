@@ -1,6 +1,7 @@
 """CFG: config.json, as transformers and vLLM read it. Nothing named in it is imported or run."""
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Iterator
 
 from ..catalog import schema_path
@@ -85,12 +86,11 @@ def dtype_mismatch(ckpt: Checkpoint) -> Iterator[Hit]:
     if want is None:
         return  # absent, "auto", or not a weight dtype
     counts = dict.fromkeys(WEIGHT_DTYPES, 0)  # elements per dtype (from byte ranges: no shape walk)
-    size_of = WEIGHT_DTYPES.get
     for h in ckpt.headers().values():
-        for name, dtype, _, begin, end in h.tensors.values():  # unpacked: ~90k entries on big models
-            size = size_of(dtype)
-            if size and not name.endswith(SCALE_SUFFIXES):
-                counts[dtype] += (end - begin) // size
+        scales = map(str.endswith, h.names, repeat(SCALE_SUFFIXES))  # ~90k names on big models: C speed
+        for dtype, nbytes in h.dtype_bytes(skip=scales).items():
+            if dtype in counts:
+                counts[dtype] += nbytes // WEIGHT_DTYPES[dtype]
     total = sum(counts.values())
     if not total:
         return

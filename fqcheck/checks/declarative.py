@@ -43,7 +43,7 @@ def _compile(pattern: str, source: str) -> re.Pattern:
 def _tensor_pattern(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:
     rx = _compile(rule.match["tensor_pattern"], str(rule.source))
     for fname, h in ckpt.headers().items():
-        for t in h.tensors:
+        for t in h.names:
             if rx.search(t):
                 # a fixable tensor-pattern rule is fixed by dropping the tensor (and its index entry)
                 fix = DropTensor(fname, t) if rule.fix != "no" else None

@@ -117,7 +117,7 @@ def _clean_header(h) -> bool:
 def leaked_tensors(ckpt):
     """(file, tensor_name, match) for every quantizer buffer stored in the shards."""
     for fname, h in ckpt.headers().items():
-        for t in h.tensors:
+        for t in h.names:
             m = LEAK_RE.match(t)
             if m and "quantizer" in m.group("attr"):
                 yield fname, t, m
