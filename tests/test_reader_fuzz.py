@@ -206,6 +206,11 @@ def test_mutated_headers_agree_with_safetensors(data):
     b'{"a":{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}}',
     b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1.0],"data_offsets":[4,8]}}',
     b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[true],"data_offsets":[4,8]}}',
+    b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,true]}}',
+    b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[false,1]}}',
+    b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1.0]}}',
+    b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":NaN}',
+    b'{"true":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"false":{"dtype":"U8","shape":[3],"data_offsets":[1,4]}}',
     b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}\x00',
     b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":{"y":1}}}',       # extra key: allowed
     b'{"\\u0000duplicates":["a"]}',

@@ -209,7 +209,8 @@ def _parse(hdr: SafetensorsHeader, raw: bytes) -> None:
     except UnicodeDecodeError as e:
         _unreadable(hdr, f"header is not valid UTF-8 (byte {e.start})")
         return
-    if ("\\ud" in text or "\\uD" in text) and _lone_surrogate(text):
+    # A backslash first: one memchr finds most headers have no escape at all (~10x faster).
+    if "\\" in text and ("\\ud" in text or "\\uD" in text) and _lone_surrogate(text):
         _unreadable(hdr, "header JSON has a lone UTF-16 surrogate escape (not valid Unicode); the reference reader rejects it")
         return
     # Fast path: plain json.loads (no per-object Python hook) and an inlined check that accepts
@@ -227,7 +228,7 @@ def _parse(hdr: SafetensorsHeader, raw: bytes) -> None:
 
 _new_entry = tuple.__new__
 _get_dtype, _get_shape, _get_offsets = itemgetter("dtype"), itemgetter("shape"), itemgetter("data_offsets")
-_LIST, _INT, _TWO = {list}, {int}, {2}
+_INT, _TWO = {int}, {2}
 
 
 def _types(values) -> set:
@@ -280,8 +281,7 @@ def _parse_fast(hdr: SafetensorsHeader, obj: dict, text: str) -> bool:
             colons += k.count(":") + v.count(":")
         keys += 1 + len(meta)
     names = list(obj)
-    kinds_of, sizes, ids = {}, [], b""
-    offsets = None
+    first, sizes, ids, offsets = {}, [], b"", None
     # Every check runs over whole columns at C speed (map/set/list equality), not per entry in
     # Python, and per distinct (dtype, shape): this is ~90k entries on a DeepSeek-R1-sized
     # checkpoint, with a few dozen kinds.
@@ -291,24 +291,25 @@ def _parse_fast(hdr: SafetensorsHeader, obj: dict, text: str) -> bool:
             dtypes = list(map(_get_dtype, infos))
             shapes = list(map(_get_shape, infos))
             offsets = list(map(_get_offsets, infos))
-            if _types(shapes) != _LIST or set(map(len, offsets)) != _TWO:
+            if set(map(len, offsets)) != _TWO:
                 return False
-            if not _types(chain.from_iterable(shapes)) <= _INT:
-                return False  # 1.0 and True equal 1: the kinds below would not tell them apart
-            kinds = list(zip(dtypes, map(tuple, shapes)))
-            kinds_of = dict(zip(dict.fromkeys(kinds), count()))  # kind -> its number, in first-seen order
-            sizes = _kind_bytes(kinds_of)  # TypeError: an unhashable dtype
+            # Each entry's kind, as the position of its first entry (one hash per entry); a shape
+            # that is not a list of ints gives a kind _kind_bytes refuses, or a TypeError here.
+            where = list(map(first.setdefault, zip(dtypes, map(tuple, shapes)), count()))
+            sizes = _kind_bytes(first)
+            flat = list(chain.from_iterable(offsets))  # pairs, as map(len) said
+            begins = flat[0::2]
+            ends = flat[1::2]
+            nbytes = list(map(sub, ends, begins))  # TypeError: an offset that is not a number
         except (KeyError, TypeError):
             return False
         if sizes is None:
             return False  # a kind _kind_bytes cannot vouch for: the slow path names the problem
-        flat = list(chain.from_iterable(offsets))  # a pair of ints, or a str/object of length 2
-        if _types(flat) != _INT:
-            return False
-        begins = flat[0::2]
-        ends = flat[1::2]
-        ids = (bytes if len(sizes) < 256 else list)(map(kinds_of.__getitem__, kinds))
-        if list(map(sizes.__getitem__, ids)) != list(map(sub, ends, begins)):
+        if not _types(chain(flat, chain.from_iterable(shapes))) <= _INT:
+            return False  # 1.0 and true equal 1: as a dim one would pass for a kind with 1, as an offset for 1
+        number = dict(zip(first.values(), count()))  # first position -> kind number
+        ids = (bytes if len(sizes) < 256 else list)(map(number.__getitem__, where))
+        if list(map(sizes.__getitem__, ids)) != nbytes:
             return False  # equal, they also prove begin <= end
         contiguous = begins[0] == 0 and begins[1:] == ends[:-1]  # then begins rise from 0
         if not (ends[-1] < _U64_LIMIT if contiguous else min(begins) >= 0 and max(ends) < _U64_LIMIT):
@@ -321,7 +322,7 @@ def _parse_fast(hdr: SafetensorsHeader, obj: dict, text: str) -> bool:
             return False  # maybe a duplicate key somewhere: the slow path names it
     _check_metadata(hdr, meta)
     hdr.names = names
-    hdr._columns = ([(*kind, size) for kind, size in zip(kinds_of, sizes)], ids, offsets)
+    hdr._columns = ([(*kind, size) for kind, size in zip(first, sizes)], ids, offsets)
     data_size = hdr.file_size - hdr.data_start
     # Files written by safetensors list tensors in offset order: then contiguity needs no sort.
     if not (names and offsets is None and ends[-1] == data_size):
