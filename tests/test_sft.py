@@ -85,3 +85,33 @@ def test_sft006_null_metadata_is_fixed_to_pt(tmp_path):
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
         assert f.get_tensor("w").numpy().tobytes() == data
+
+
+def test_tensor_lookup_finds_the_first_holder(tmp_path):
+    """Checkpoint.tensor answers as safe_open reads the shards (the first file in name order that
+    holds a name), both while it scans shard names and once it has built its map of every name."""
+    from safetensors import safe_open
+
+    from builders import load_shard, save_tiny_model
+    from fqcheck.checkpoint import _SCANNED_LOOKUPS, Checkpoint
+
+    d = save_tiny_model(tmp_path / "m", shards=4)
+    shards = sorted(d.glob("*.safetensors"))
+    first, last = load_shard(shards[0]), load_shard(shards[-1])
+    dup = next(iter(first))
+    save_shard(shards[-1], {**last, dup: first[dup].clone()})  # a stale copy in a later shard
+    expected = {}
+    for p in shards:
+        with safe_open(str(p), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                expected.setdefault(name, (p.name, sl.get_dtype(), tuple(sl.get_shape())))
+    names = sorted(expected) + ["no.such.tensor"]
+    assert len(names) > 2 * _SCANNED_LOOKUPS  # both ways of answering are used
+    ckpt = Checkpoint.open(d)
+    got = {}
+    for n in names:
+        loc = ckpt.tensor(n)
+        got[n] = None if loc is None else (loc[0], loc[1].dtype, loc[1].shape)
+    assert got == {**expected, "no.such.tensor": None}
+    assert got[dup][0] == ckpt.tensor(dup)[0] == shards[0].name  # scanned, then from the map
