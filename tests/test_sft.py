@@ -1,9 +1,11 @@
 """SFT rules: the strict header reader against real and byte-built safetensors files."""
 
 import torch
+from safetensors import safe_open
 
-from builders import raw_safetensors, save_shard
+from builders import load_shard, raw_safetensors, save_shard, save_tiny_model
 from fqcheck.api import lint
+from fqcheck.checkpoint import _SCANNED_LOOKUPS, Checkpoint
 
 
 def codes(report, code=None):
@@ -90,11 +92,6 @@ def test_sft006_null_metadata_is_fixed_to_pt(tmp_path):
 def test_tensor_lookup_finds_the_first_holder(tmp_path):
     """Checkpoint.tensor answers as safe_open reads the shards (the first file in name order that
     holds a name), both while it scans shard names and once it has built its map of every name."""
-    from safetensors import safe_open
-
-    from builders import load_shard, save_tiny_model
-    from fqcheck.checkpoint import _SCANNED_LOOKUPS, Checkpoint
-
     d = save_tiny_model(tmp_path / "m", shards=4)
     shards = sorted(d.glob("*.safetensors"))
     first, last = load_shard(shards[0]), load_shard(shards[-1])
@@ -103,7 +100,7 @@ def test_tensor_lookup_finds_the_first_holder(tmp_path):
     expected = {}
     for p in shards:
         with safe_open(str(p), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 sl = f.get_slice(name)
                 expected.setdefault(name, (p.name, sl.get_dtype(), tuple(sl.get_shape())))
     names = sorted(expected) + ["no.such.tensor"]

@@ -12,12 +12,13 @@ import json
 import os
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from functools import cached_property
 from itertools import accumulate, chain, compress, count, repeat
 from math import prod
 from operator import itemgetter, not_, sub
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 MAX_HEADER_SIZE = 100_000_000  # the reference reader's cap
 _U64_LIMIT = 1 << 64
