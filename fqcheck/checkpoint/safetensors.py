@@ -75,7 +75,10 @@ class SafetensorsHeader:
         self.data_start = data_start  # absolute offset of the data buffer (8 + header length)
         self.metadata = metadata
         self.problems: list[Problem] = []
-        self._columns: tuple | None = None  # (kinds, ids, offsets), see _parse_fast
+        # Set by the fast path: (kinds, ids, offsets). kinds: [(dtype, shape, nbytes)]; ids: each
+        # name's kind number (bytes, or a list past 255 kinds); offsets: None when the entries lie
+        # contiguous from 0 in name order (the sizes then give them), else (begins, ends).
+        self._columns: tuple | None = None
 
     @cached_property
     def names(self) -> list[str]:
@@ -291,14 +294,14 @@ def _parse_fast(hdr: SafetensorsHeader, obj: dict, text: str) -> bool:
             infos = list(obj.values())
             dtypes = list(map(_get_dtype, infos))
             shapes = list(map(_get_shape, infos))
-            offsets = list(map(_get_offsets, infos))
-            if set(map(len, offsets)) != _TWO:
+            pairs = list(map(_get_offsets, infos))
+            if set(map(len, pairs)) != _TWO:
                 return False
             # Each entry's kind, as the position of its first entry (one hash per entry); a shape
             # that is not a list of ints gives a kind _kind_bytes refuses, or a TypeError here.
             where = list(map(first.setdefault, zip(dtypes, map(tuple, shapes)), count()))
             sizes = _kind_bytes(first)
-            flat = list(chain.from_iterable(offsets))  # pairs, as map(len) said
+            flat = list(chain.from_iterable(pairs))  # pairs, as map(len) said
             begins = flat[0::2]
             ends = flat[1::2]
             nbytes = list(map(sub, ends, begins))  # TypeError: an offset that is not a number
