@@ -188,12 +188,7 @@ def _reap(pid: int, kill: bool) -> int:
         return -1
 
 
-def _pack(h: SafetensorsHeader) -> tuple | None:
-    """What crosses the pipe: a header the fast path read, as columns (marshal takes no classes;
-    one object per distinct dtype and shape, which marshal sends once). None for any other: a
-    damaged header is rare, and this process reads it again rather than ship its problems."""
-    return columns(h)
-
-
-def _unpack(path: Path, packed: tuple) -> SafetensorsHeader:
-    return from_columns(path, packed)
+# What crosses the pipe: a header the fast path read, as plain columns (marshal takes no classes;
+# one object per distinct dtype and shape, which marshal sends once). columns() is None for any
+# other header: a damaged header is rare, and this process reads it again rather than ship it.
+_pack, _unpack = columns, from_columns
