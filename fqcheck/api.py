@@ -7,18 +7,19 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Sequence
 
 from . import engine
-from .catalog import SEVERITIES, Rule, load_catalog
-from .checkpoint import BACKUP_DIR, Checkpoint
-from .config import FAIL_ON
+from .catalog import Rule
+from .checkpoint import BACKUP_DIR, Checkpoint, CheckpointError
 from .engine import SEVERITY_RANK, Finding
+from .options import FAIL_ON, Options, UsageError, build
 
-__all__ = ["FAIL_ON", "Finding", "Report", "lint"]
+__all__ = ["FAIL_ON", "Finding", "Options", "Report", "UsageError", "fix", "lint"]
 
 
 @dataclass
@@ -64,50 +65,77 @@ class Report:
         """The report as JSON: {"findings": [...], "summary": {...}} (what `-f json` prints)."""
         return json.dumps(self.as_dict(), indent=indent)
 
+    @classmethod
+    def merge(cls, reports: Sequence["Report"]) -> "Report":
+        """One report over several checkpoints (pre-commit passes them all): files become relative
+        to the checkpoints' common folder."""
+        if len(reports) == 1:
+            return reports[0]
+        from .report.paths import checkpoint_root
 
-def levels_for(deep: bool = False, arch: bool = False) -> tuple[str, ...]:
-    return ("header", "deep", "arch") if deep else (("header", "arch") if arch else ("header",))
+        roots = [checkpoint_root(r) for r in reports]
+        common = os.path.commonpath(roots)
+        findings, rules_run, rules, notes = [], [], {}, []
+        for r, root in zip(reports, roots):
+            for f in r.findings:
+                rel = os.path.relpath(os.path.join(root, f.file) if f.file else root, common)
+                findings.append(replace(f, file=Path(rel).as_posix()))
+            rules_run += [c for c in r.rules_run if c not in rules_run]
+            rules.update(r.rules)
+            notes += r.notes
+        return cls(common, findings, rules_run, rules, notes)
 
 
-def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Sequence[str] | None = None,
-         deep: bool = False, arch: bool = False, rules_dirs: Iterable[str | Path] = (),
-         device: str = "auto", severity_overrides: Mapping[str, str] | None = None,
-         quiet: bool = False, recover: bool = True) -> Report:
+def lint(path: str | Path, options: Options | None = None, **kw) -> Report:
     """Lint a checkpoint directory (or one .safetensors/.bin file).
 
-    select / ignore: rule codes or prefixes ("QNT", "IDX001"); deep: also read tensor data;
-    arch: also build the model from config.json on the meta device; rules_dirs: folders of extra
-    declarative rules; device: where deep checks run (auto, cpu, cuda[:N]); quiet: no progress
-    bar; recover: first finish or roll back a fix that was interrupted (journal left in .fqcheck/);
-    severity_overrides: {"CODE": "error"|"warning"|"info"}, applied to every
-    finding of that rule (as `[tool.fqcheck.severity]` does).
+    `options` (fqcheck.options.Options), or its fields as keywords: select / ignore (rule codes or
+    prefixes, "QNT", "IDX001"), deep (also read tensor data), arch (also build the model from
+    config.json on the meta device), rules_dirs (folders of extra declarative rules), severity
+    ({"CODE": "error"|"warning"|"info"}), device (auto, cpu, cuda[:N]), quiet (no progress bar).
 
-    Raises CheckpointError for a path that is not a checkpoint, CatalogError for a bad user rule,
-    ValueError for an unknown code or severity in severity_overrides.
+    Raises CheckpointError for a path that is not a checkpoint or holds no weights, UsageError
+    (a ValueError) for an unknown code, severity or device, CatalogError for a bad user rule.
+    Never writes: an interrupted fix is reported in `notes`, not finished.
     """
-    catalog = load_catalog(tuple(rules_dirs))
-    overrides = {c.upper(): s for c, s in (severity_overrides or {}).items()}
-    for code, sev in overrides.items():
-        if code not in catalog:
-            raise ValueError(f"severity override for unknown rule code {code!r}")
-        if sev not in SEVERITIES:
-            raise ValueError(f"severity override {code} = {sev!r}: expected one of {', '.join(SEVERITIES)}")
-    rules = engine.select_rules(catalog, select, ignore, levels_for(deep, arch))
+    opts = with_keywords(options, kw)
+    catalog = opts.catalog()
+    opts.validate(catalog)
+    rules = engine.select_rules(catalog, opts.select, opts.ignore, opts.levels)
     ckpt = Checkpoint.open(path)
+    if not (ckpt.safetensors_names or ckpt.weight_pickles):
+        raise CheckpointError(f"{path}: no weights here (no .safetensors file and no pickled "
+                              "state dict such as pytorch_model.bin)")
     notes = []
-    # the journal module is imported only when a fix left its folder behind (lint's hot path)
-    if recover and ckpt._only is None and (ckpt.root / BACKUP_DIR).is_dir():
-        from .fix.journal import needs_recovery
-        if needs_recovery(ckpt.root):
-            from .fix.journal import recover_if_needed
-            try:
-                done = recover_if_needed(ckpt.root)
-            except Exception as e:  # noqa: BLE001 - report it, still lint what is there
-                done = f"could not finish an interrupted fix: {e}"
-            if done:
-                notes.append(done)
-                ckpt = Checkpoint.open(path)
-    # quiet: no progress bar on stderr (deep pass); deep: lets a header rule add its deep half.
-    findings = engine.run(ckpt, rules, {"device": device, "deep": deep, "quiet": quiet}, severity=overrides)
-    effective = {r.code: replace(r, severity=overrides[r.code]) if r.code in overrides else r for r in rules}
+    if pending_fix(ckpt.root):
+        notes.append(f"an interrupted fix is pending in {BACKUP_DIR}/: run `fqcheck fix {path}` to finish "
+                     f"it or `fqcheck restore {path}` to roll it back; linted the files as they are")
+    findings = engine.run(ckpt, rules, opts)
+    effective = {r.code: replace(r, severity=opts.severity[r.code]) if r.code in opts.severity else r
+                 for r in rules}
     return Report(str(path), findings, [r.code for r in rules], effective, notes)
+
+
+def fix(path: str | Path, options: Options | None = None, *, unsafe_fixes: bool = False,
+        dry_run: bool = False, output: str | Path | None = None, backup: bool = True, **kw):
+    """Repair a checkpoint crash-safely (see fqcheck.fix.runner): lint with the same options,
+    apply the safe fixes (and the unsafe ones with unsafe_fixes), re-lint. Returns a FixResult.
+    Raises FixRefused (unfixable errors; nothing changed), FixError (I/O failure, rolled back; or
+    locked), CheckpointError, UsageError."""
+    from .fix.runner import run
+    return run(path, with_keywords(options, kw), unsafe_fixes=unsafe_fixes, dry_run=dry_run,
+               output=output, backup=backup)
+
+
+def with_keywords(options: Options | None, kw: dict) -> Options:
+    """`options` with the fields given as keywords replaced (the API's two ways of saying it)."""
+    base = options or Options()
+    if not kw:
+        return base
+    given = build(**kw)
+    return replace(base, **{k: getattr(given, k) for k in kw})
+
+
+def pending_fix(root: Path) -> bool:
+    """A fix left its journal behind: it was killed between its first and last rename."""
+    return os.path.lexists(root / BACKUP_DIR / "journal.json")

@@ -15,8 +15,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .catalog import SEVERITIES
-
-FAIL_ON = ("error", "warning", "never")
+from .options import FAIL_ON
 CONFIG_NAMES = ("fqcheck.toml", "pyproject.toml")  # fqcheck.toml wins when both exist
 
 
@@ -36,10 +35,10 @@ class Config:
     deep: bool | None = None
     arch: bool | None = None
 
-    def lint_options(self) -> dict:
-        """Keyword arguments for fqcheck.lint() holding what this file sets."""
-        out: dict = {"severity_overrides": dict(self.severity), "rules_dirs": list(self.rules)}
-        for key in ("select", "ignore", "deep", "arch"):
+    def options(self) -> dict:
+        """What this file sets, as keyword arguments of fqcheck.options.build()."""
+        out: dict = {"severity": dict(self.severity), "rules_dirs": list(self.rules)}
+        for key in ("select", "ignore", "deep", "arch", "fail_on"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -97,9 +96,9 @@ def _bool(value, key: str, where: str) -> bool:
     return value
 
 
-def load_config(path: str | Path, known_codes=None) -> Config:
-    """Parse and validate one config file. `known_codes` (the built-in catalog's codes when None)
-    checks the keys of the severity table; codes from the file's own `rules` folders count too."""
+def load_config(path: str | Path) -> Config:
+    """Parse and validate one config file: unknown keys, codes (its own `rules` folders count),
+    severities and values are a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -121,16 +120,12 @@ def load_config(path: str | Path, known_codes=None) -> Config:
         if key not in handlers:
             raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(handlers)})")
         handlers[key](value)
-    if cfg.severity:
-        if known_codes is None:
-            from .catalog import CatalogError, load_catalog
-            try:
-                known_codes = set(load_catalog(tuple(cfg.rules)))
-            except CatalogError as e:
-                raise ConfigError(f"{where}: 'rules': {e}") from None
-        for code in cfg.severity:
-            if code not in known_codes:
-                raise ConfigError(f"{where}: 'severity' names unknown rule code '{code}'")
+    from .catalog import CatalogError
+    from .options import UsageError, build
+    try:
+        build(**cfg.options()).validate()
+    except (UsageError, CatalogError) as e:
+        raise ConfigError(f"{where}: {str(e).removeprefix('--')}") from None
     return cfg
 
 

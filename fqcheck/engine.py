@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Iterator
 
 from .catalog import SEVERITIES, Rule
 from .checkpoint import Checkpoint
+from .options import Options
 
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
@@ -100,30 +101,27 @@ def select_rules(catalog: dict[str, Rule], select=None, ignore=None, levels=("he
     return out
 
 
-def run(ckpt: Checkpoint, rules: list[Rule], options: dict | None = None,
-        severity: dict[str, str] | None = None) -> list[Finding]:
-    """Run `rules` over `ckpt`; `severity` maps a code to a user override that beats the rule's
+def run(ckpt: Checkpoint, rules: list[Rule], options: Options | None = None) -> list[Finding]:
+    """Run `rules` over `ckpt`. A user's severity override (options.severity) beats the rule's
     default and any per-finding severity."""
+    options = options or Options()
     # Parsing ~90k header entries allocates ~1M container objects and no cycles: the cyclic GC
     # would re-scan them all a few times (~0.1 s on a DeepSeek-R1 layout), so it pauses here.
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         if rules:
-            ckpt.start_prefetch()  # the shard headers are read on a second core while
-            _import_checks()       # the checks are imported
-            ckpt.prefetch()        # and the index is parsed here
-        return _run(ckpt, rules, options, severity)
+            ckpt.read_headers(options.jobs)
+        return _run(ckpt, rules, options)
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _run(ckpt: Checkpoint, rules: list[Rule], options: dict | None,
-         severity: dict[str, str] | None) -> list[Finding]:
+def _run(ckpt: Checkpoint, rules: list[Rule], options: Options) -> list[Finding]:
     _import_checks()
-    options = options or {}
-    severity = severity or {}
+    kwargs = {"device": options.device, "deep": options.deep, "quiet": options.quiet}
+    severity = options.severity
     findings: list[Finding] = []
     for rule in rules:
         fn = _CHECKS.get(rule.code)
@@ -131,7 +129,7 @@ def _run(ckpt: Checkpoint, rules: list[Rule], options: dict | None,
             from .checks.declarative import evaluate
             hits: Iterator[Hit] = evaluate(rule, ckpt)
         else:
-            hits = fn(ckpt, **options) if _wants_options(fn) else fn(ckpt)
+            hits = fn(ckpt, **kwargs) if _wants_options(fn) else fn(ckpt)
         try:
             for h in hits:
                 findings.append(Finding(

@@ -150,6 +150,6 @@ def test_api_with_the_project_config(damaged, tmp_path, monkeypatch):
     import fqcheck
     write(tmp_path / "proj" / "fqcheck.toml", 'select = ["SFT"]\n[severity]\nSFT004 = "warning"\n')
     monkeypatch.chdir(tmp_path / "proj")
-    report = fqcheck.lint(damaged, **resolve().lint_options())
+    report = fqcheck.lint(damaged, **resolve().options())
     assert [(f.code, f.severity) for f in report.findings] == [("SFT004", "warning")] and report.ok
     assert json.loads(run_cli("lint", damaged, "-f", "json").stdout)["findings"] == [f.as_dict() for f in report.findings]

@@ -17,7 +17,7 @@ from fqcheck.fix import edits as E
 from fqcheck.fix import shard as shardmod
 from fqcheck.fix.journal import FixError
 from fqcheck.fix.plan import FixRefused, make_plan
-from fqcheck.fix.runner import fix
+from fqcheck.api import fix
 
 
 def without(st: dict, names) -> dict:

@@ -8,7 +8,8 @@ import pytest
 from builders import leak_quantizer_state, read_config, read_index, write_config, write_index
 from fixhelp import loads_cleanly, run_cli, state
 from builders import load_shard, save_shard
-from fqcheck.fix.runner import FixRefused, fix
+from fqcheck.api import fix
+from fqcheck.fix.runner import FixRefused
 
 
 

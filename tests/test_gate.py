@@ -273,15 +273,15 @@ def test_severity_override_changes_exit_code(damaged):
     _write(damaged.parent / "fqcheck.toml", '[severity]\nSFT004 = "warning"\nSFT006 = "warning"\n')
     assert run_cli("lint", damaged.name, "--select", "SFT").exit_code == 0  # discovered from cwd
     assert run_cli("lint", damaged.name, "--select", "SFT", "--fail-on", "warning").exit_code == 1
-    r = lint(damaged, select=["SFT"], severity_overrides={"SFT004": "warning", "SFT006": "warning"})
+    r = lint(damaged, select=["SFT"], severity={"SFT004": "warning", "SFT006": "warning"})
     assert r.ok and {f.severity for f in r.findings} == {"warning"} and r.failed("warning")
 
 
 def test_api_rejects_unknown_override(damaged):
     with pytest.raises(ValueError, match="XYZ999"):
-        lint(damaged, severity_overrides={"XYZ999": "warning"})
+        lint(damaged, severity={"XYZ999": "warning"})
     with pytest.raises(ValueError, match="fatal"):
-        lint(damaged, severity_overrides={"SFT004": "fatal"})
+        lint(damaged, severity={"SFT004": "fatal"})
 
 
 def test_bad_flag_values_are_usage_errors(damaged):

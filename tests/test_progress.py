@@ -5,8 +5,8 @@ from fqcheck.demo import build
 from terminal import stderr_on_a_terminal
 
 # MIN_BYTES = 0: the tiny demo checkpoint counts as large enough to show a bar.
-RUN = ("import sys, fqcheck.progress as p, fqcheck.launch as l\np.MIN_BYTES = 0\n"
-       "try:\n    l.main(sys.argv[1:])\nexcept SystemExit as e:\n    sys.exit(e.code)\n")
+RUN = ("import sys, fqcheck.progress as p, fqcheck.cli as c\np.MIN_BYTES = 0\n"
+       "sys.argv[0] = 'fqcheck'\nc.main()\n")
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def test_fix_bar_counts_files_on_a_terminal(damaged):
     p, err = stderr_on_a_terminal(["-c", RUN, "fix", damaged, "--select", "QNT001,SFT006"])
     assert p.returncode == 0, err
     assert "fix 0/2 files" in err  # the two shards the plan rewrites
-    assert b"fixed:" in p.stdout
+    assert b"Changed:" in p.stdout
 
 
 @pytest.mark.parametrize("cmd", [["lint", "--deep", "--select", "TEN", "-q"], ["fix", "-q", "--select", "SFT006"]])

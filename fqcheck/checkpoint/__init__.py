@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,46 +32,19 @@ class JsonFile:
 
 
 _SCANNED_LOOKUPS = 8  # tensor() calls answered by a scan before tensor_files is built
-_RETAINED: list | None = None
-_PREOPENED: dict[Path, "Checkpoint"] = {}
-
-
-def preopen(path: str | os.PathLike) -> None:
-    """Open a checkpoint directory and start reading its shard headers, for the next
-    Checkpoint.open(path): `fqcheck lint` calls this first thing, so the reading overlaps its
-    imports and set-up. Skipped (the later open does everything) for anything unusual, and when
-    a fix's journal is there: recovering it may rewrite the shards first."""
-    p = Path(path)
-    try:
-        if p.is_dir() and not (p / BACKUP_DIR).exists():
-            ckpt = _PREOPENED[p] = Checkpoint(p)
-            ckpt.start_prefetch()
-    except OSError:
-        _PREOPENED.pop(p, None)
-
-
-def retain_until_exit() -> None:
-    """Keep every Checkpoint opened from now on alive, for a process that ends with os._exit:
-    freeing a large checkpoint's ~1M header objects one by one (~20 ms) would be wasted work."""
-    global _RETAINED
-    _RETAINED = []
+# Pickles that hold no weights: the quantizer state of a FakeQuant export, trainer leftovers.
+NOT_WEIGHTS = re.compile(r"(vllm_fq_modelopt_state|quant_amax|training_args|optimizer|scheduler|rng_state.*)\.(pth|pt|bin)")
 
 
 class Checkpoint:
     def __init__(self, root: Path, only: str | None = None):
         self.root = root
         self._only = only
-        self._prefetch: tuple | None = None  # (names, HeaderPrefetch or None once finished)
         self._lookups = 0  # calls to tensor()
-        if _RETAINED is not None:
-            _RETAINED.append(self)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
         p = Path(path)
-        early = _PREOPENED.pop(p, None)
-        if early is not None:
-            return early
         if p.is_dir():
             return cls(p)
         if p.is_file() and (p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES):
@@ -108,6 +82,11 @@ class Checkpoint:
         return [n for n in self.names if n.endswith(PICKLE_SUFFIXES)]
 
     @cached_property
+    def weight_pickles(self) -> list[str]:
+        """Pickle files that may hold weights (not a quantizer state or trainer leftovers)."""
+        return [n for n in self.pickle_names if not NOT_WEIGHTS.fullmatch(n)]
+
+    @cached_property
     def _headers(self) -> dict[str, SafetensorsHeader]:
         return {n: self.header(n) for n in self.safetensors_names}
 
@@ -126,30 +105,21 @@ class Checkpoint:
     def headers(self) -> dict[str, SafetensorsHeader]:
         return self._headers
 
-    def start_prefetch(self) -> None:
-        """Start reading every shard header on a second core (see .parallel); prefetch() finishes.
-        A link that leads outside the checkpoint is left for the rules to judge (IDX009) first."""
-        if self._prefetch is None:
-            todo = [n for n in self.safetensors_names if n not in self._header_cache and self._stays_inside(n)]
-            self._prefetch = (todo, HeaderPrefetch([self.path(n) for n in todo]))
-
-    def prefetch(self) -> None:
-        """Read the index, config.json and every shard header now, the headers on two cores:
-        what header-level rules need, in less wall time than one by one."""
-        self.start_prefetch()
-        self._read_json()  # while the child reads headers
-        todo, pending = self._prefetch
-        if pending is not None:
-            self._prefetch = (todo, None)
-            for n, h in zip(todo, pending.finish()):
-                self._header_cache.setdefault(n, h)  # a rule may have read one meanwhile: keep that
+    def read_headers(self, jobs: int = 1) -> None:
+        """Read the index, config.json and every shard header now. jobs=2 reads the headers on a
+        second core too (a forked child, see .parallel: only the CLI asks for it; the API never
+        forks) while this process parses the index. A link that leads outside the checkpoint is
+        left for the rules to judge (IDX009) first."""
+        todo = [n for n in self.safetensors_names if n not in self._header_cache and self._stays_inside(n)]
+        pending = HeaderPrefetch([self.path(n) for n in todo]) if jobs > 1 and todo else None
+        self.index, self.config  # noqa: B018 - cached properties, read while the child works
+        headers = pending.finish() if pending is not None else map(read_header, map(self.path, todo))
+        for n, h in zip(todo, headers):
+            self._header_cache.setdefault(n, h)
 
     def _stays_inside(self, name: str) -> bool:
         p = self.path(name)
         return not os.path.islink(p) or inside(os.path.realpath(p), allowed_roots(self.root))
-
-    def _read_json(self) -> None:
-        self.index, self.config  # noqa: B018 - cached properties, read for their side effect
 
     @cached_property
     def tensor_files(self) -> dict[str, list[str]]:

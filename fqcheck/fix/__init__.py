@@ -11,7 +11,7 @@ import types
 class _CallablePackage(types.ModuleType):
     def __call__(self, path, **kwargs):
         """Repair a checkpoint crash-safely; see fqcheck.fix.runner.fix."""
-        from .runner import fix
+        from ..api import fix
         return fix(path, **kwargs)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..checkpoint import BACKUP_DIR, Checkpoint, CheckpointError
+from ..options import Options
 from .journal import FixError, Lock, Transaction, fsync_dir, recover
 from .plan import FixRefused, Plan, make_plan
 from .shard import write_shard
@@ -40,22 +41,19 @@ class FixResult:
         return self.remaining is None or self.remaining.ok
 
 
-def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = False,
-        output: str | os.PathLike | None = None, backup: bool = True,
-        select: Sequence[str] | None = None, ignore: Sequence[str] | None = None, deep: bool = False,
-        arch: bool = False, rules_dirs: Iterable[str | os.PathLike] = (), device: str = "auto", quiet: bool = False) -> FixResult:
-    """Repair a checkpoint. quiet: no progress bar (it shows only on a terminal, for big rewrites).
-     Raises FixRefused (unfixable errors; nothing changed), FixError (I/O
-    failure, rolled back; or locked), CheckpointError (not a checkpoint)."""
+def run(path: str | os.PathLike, options: Options, *, unsafe_fixes: bool = False, dry_run: bool = False,
+        output: str | os.PathLike | None = None, backup: bool = True) -> FixResult:
+    """Repair a checkpoint: lint with `options` (the same select, ignore, rules, deep, arch and
+    severities as `fqcheck lint`), plan, write, re-lint. Raises FixRefused (unfixable errors;
+    nothing changed), FixError (I/O failure, rolled back; or locked), CheckpointError."""
     from ..api import lint
 
     ckpt = Checkpoint.open(path)
     root = ckpt.root
-    kw = dict(select=select, ignore=ignore, deep=deep, arch=arch, rules_dirs=tuple(rules_dirs), device=device, quiet=quiet)
-    enabled = False if quiet else None
+    enabled = False if options.quiet else None
 
     def relint():
-        return lint(path, recover=False, **kw)
+        return lint(path, options)
 
     from .journal import needs_recovery
     if dry_run:
@@ -75,7 +73,7 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
         res = FixResult(str(path), plan, output=str(out))
         res.written = _write_copy(ckpt, plan, out, enabled)
         res.retired = list(plan.retire)
-        res.remaining = lint(out, recover=False, **kw)
+        res.remaining = lint(out, options)
         return res
 
     with Lock(root):
@@ -198,4 +196,4 @@ def restore(path: str | os.PathLike) -> tuple[str, list[str]]:
     return _restore(p)
 
 
-__all__ = ["fix", "restore", "FixResult", "FixRefused", "FixError", "BACKUP_DIR"]
+__all__ = ["run", "restore", "FixResult", "FixRefused", "FixError", "BACKUP_DIR"]
