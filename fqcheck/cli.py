@@ -31,6 +31,8 @@ _CONFIG = typer.Option(None, "--config", metavar="FILE", help="Config file. Defa
                        "pyproject.toml [tool.fqcheck], found from the current directory up.")
 _DEVICE = typer.Option("auto", "--device", metavar="DEVICE", help="Where deep checks run: auto, cpu or cuda[:N].")
 _FAIL_ON = typer.Option(None, "--fail-on", metavar="LEVEL", help="Fail on error (default), warning or never.")
+_JOBS = typer.Option(0, "--jobs", "-j", metavar="N", help="Processes reading the shard headers (0: auto, two "
+                     "when there are two cores).")
 
 
 def _say(message: str) -> None:
@@ -109,6 +111,7 @@ def lint(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Findings only: no summary line, no progress."),
     config: Optional[Path] = _CONFIG,
     device: str = _DEVICE,
+    jobs: int = _JOBS,
 ) -> None:
     """Report what is wrong with checkpoints (folders, or .safetensors/.bin files).
 
@@ -121,7 +124,7 @@ def lint(
     if fmt not in FORMATS:
         raise _fail(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
     opts = _options(config, select=select, ignore=ignore, deep=deep, arch=arch, rules_dirs=rules,
-                    fail_on=fail_on, device=device, quiet=quiet, jobs=2)
+                    fail_on=fail_on, device=device, quiet=quiet, jobs=_jobs(jobs))
     with _errors():
         _check_device(opts)
         with _spinner(quiet or opts.deep, paths):  # deep runs draw their own bar
@@ -234,6 +237,12 @@ def restore(path: Path = typer.Argument(..., metavar="PATH", hidden=True)) -> No
     with _errors():
         backup, names = run_restore(path)
     typer.echo(printable(f"restored {len(names)} file(s) from {backup}: {', '.join(names)}"))
+
+
+def _jobs(n: int) -> int:
+    if n < 0:
+        raise _fail(f"--jobs {n}: expected 0 (auto) or a positive count")
+    return n or min(2, os.cpu_count() or 1)
 
 
 def _catalog(config, rules):

@@ -140,7 +140,7 @@ def test_clean_save_pretrained_bin_has_no_pkl_findings(tmp_path):
 def test_garbage_is_a_finding_not_a_traceback(tmp_path, content):
     p = tmp_path / "vllm_fq_modelopt_state.pth"
     p.write_bytes(content)
-    r = lint(tmp_path)
+    r = lint(p)  # a folder of just a state file holds no weights: lint the file itself
     assert ("QNT003", "vllm_fq_modelopt_state.pth", None) in codes(r)
     assert scan_file(p).weights_only_refusal()
 
@@ -151,7 +151,7 @@ def test_truncated_zip_is_a_finding(tmp_path):
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
     assert torch_refuses(p)
-    assert ("QNT003", p.name, None) in codes(lint(tmp_path, select=["QNT003", "PKL001", "TEN001"]))
+    assert ("QNT003", p.name, None) in codes(lint(p, select=["QNT003", "PKL001", "TEN001"]))
 
 
 def test_zip_without_data_pkl(tmp_path):

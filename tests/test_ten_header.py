@@ -37,7 +37,7 @@ def test_ten001_meta_parameter_in_state_file_names_key(tmp_path):
     state = {"model.layers.0.mlp.down_proj.weight_quantizer": {"_amax": torch.nn.Parameter(
         torch.empty(4, device="meta"), requires_grad=False)}, "version": 1}
     torch.save(state, tmp_path / STATE_NAME)
-    r = lint(tmp_path, select=["TEN001"])
+    r = lint(tmp_path / STATE_NAME, select=["TEN001"])
     assert codes(r) == [("TEN001", STATE_NAME, "_amax")]
     assert torch.load(tmp_path / STATE_NAME, weights_only=True)["model.layers.0.mlp.down_proj.weight_quantizer"]["_amax"].is_meta
 

@@ -32,9 +32,15 @@ MIN_SHARDS = 8  # below this, headers are small and a fork saves nothing
 
 
 def can_fork() -> bool:
-    """Forking is safe only where it is the platform's own model (Linux) and no other Python
-    thread could hold a lock the child needs."""
-    return sys.platform.startswith("linux") and hasattr(os, "fork") and threading.active_count() == 1
+    """Forking is safe only where it is the platform's own model (Linux) and this process runs one
+    thread: no other thread, Python's or native (an OpenMP pool, a library's I/O thread), could
+    hold a lock the child needs."""
+    if not (sys.platform.startswith("linux") and hasattr(os, "fork") and threading.active_count() == 1):
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
 
 
 class HeaderPrefetch:
@@ -63,6 +69,8 @@ class HeaderPrefetch:
             try:
                 os.close(rfd)
                 _detach_stdio()
+                os.closerange(3, wfd)  # the child holds only the pipe it writes and what it opens
+                os.closerange(wfd + 1, 1 << 16)
                 _child(paths, self._claims, wfd)
                 code = 0
             finally:
