@@ -31,6 +31,9 @@ _CONFIG = typer.Option(None, "--config", metavar="FILE", help="Config file. Defa
                        "pyproject.toml [tool.fqcheck], found from the current directory up.")
 _DEVICE = typer.Option("auto", "--device", metavar="DEVICE", help="Where deep checks run: auto, cpu or cuda[:N].")
 _FAIL_ON = typer.Option(None, "--fail-on", metavar="LEVEL", help="Fail on error (default), warning or never.")
+_QUANT_FORMAT = typer.Option(None, "--quant-format", metavar="FORMAT", help="fp8, int8, int4 or nvfp4: the "
+                             "weight-quantizer format when neither the state file, the quantization config nor "
+                             "the folded weights decide it.")
 _JOBS = typer.Option(0, "--jobs", "-j", metavar="N", help="Processes reading the shard headers (0: auto, two "
                      "when there are two cores).")
 
@@ -111,6 +114,7 @@ def lint(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Findings only: no summary line, no progress."),
     config: Optional[Path] = _CONFIG,
     device: str = _DEVICE,
+    quant_format: Optional[str] = _QUANT_FORMAT,
     jobs: int = _JOBS,
 ) -> None:
     """Report what is wrong with checkpoints (folders, or .safetensors/.bin files).
@@ -124,7 +128,7 @@ def lint(
     if fmt not in FORMATS:
         raise _fail(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
     opts = _options(config, select=select, ignore=ignore, deep=deep, arch=arch, rules_dirs=rules,
-                    fail_on=fail_on, device=device, quiet=quiet, jobs=_jobs(jobs))
+                    fail_on=fail_on, device=device, quiet=quiet, quant_format=quant_format, jobs=_jobs(jobs))
     with _errors():
         _check_device(opts)
         with _spinner(quiet or opts.deep, paths):  # deep runs draw their own bar
@@ -160,6 +164,7 @@ def fix(
     fail_on: Optional[str] = _FAIL_ON,
     config: Optional[Path] = _CONFIG,
     device: str = _DEVICE,
+    quant_format: Optional[str] = _QUANT_FORMAT,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every finding, none grouped."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only a summary line and what remains; no progress bar."),
 ) -> None:
@@ -173,7 +178,7 @@ def fix(
     from .report.fixes import describe
 
     opts = _options(config, select=select, ignore=ignore, deep=deep, arch=arch, rules_dirs=rules,
-                    fail_on=fail_on, device=device, quiet=quiet)
+                    fail_on=fail_on, device=device, quiet=quiet, quant_format=quant_format)
     with _errors():
         _check_device(opts)
         res = run_fix(path, opts, unsafe_fixes=unsafe_fixes, dry_run=dry_run, output=output,

@@ -14,6 +14,7 @@ from typing import Iterable, Mapping
 from .catalog import SEVERITIES
 
 FAIL_ON = ("error", "warning", "never")
+QUANT_FORMATS = ("fp8", "int8", "int4", "nvfp4")  # --quant-format: when nothing in the checkpoint says
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -33,6 +34,9 @@ class Options:
     fail_on: str = "error"
     device: str = "auto"
     quiet: bool = False
+    quant_format: str | None = None
+    """The weight-quantizer format (fp8, int8, int4, nvfp4) when neither the state file, the
+    quantization config nor the folded weights decide it (QNT001/QNT002)."""
     jobs: int = 1
     """Processes reading shard headers; the API stays at 1 (it never forks), the CLI asks for 2."""
 
@@ -60,6 +64,8 @@ class Options:
                 raise UsageError(f"severity {code} = {sev!r}: expected one of {', '.join(SEVERITIES)}")
         if self.fail_on not in FAIL_ON:
             raise UsageError(f"unknown --fail-on {self.fail_on!r}; choose from {', '.join(FAIL_ON)}")
+        if self.quant_format is not None and self.quant_format not in QUANT_FORMATS:
+            raise UsageError(f"unknown --quant-format {self.quant_format!r}; choose from {', '.join(QUANT_FORMATS)}")
         if not _DEVICE.fullmatch(self.device):
             raise UsageError(f"unknown --device {self.device!r}; use auto, cpu or cuda[:N]")
         return self
@@ -87,6 +93,8 @@ def build(**kw) -> Options:
         kw["rules_dirs"] = tuple(Path(d).resolve() for d in kw["rules_dirs"] or ())
     if "severity" in kw:
         kw["severity"] = {c.upper(): s for c, s in (kw["severity"] or {}).items()}
+    if kw.get("quant_format") is not None:
+        kw["quant_format"] = kw["quant_format"].strip().lower()
     if "device" in kw:
         kw["device"] = (kw["device"] or "auto").strip().lower()
     return Options(**kw)
