@@ -323,7 +323,7 @@ def test_no_color_and_colour(damaged, monkeypatch):
 def test_version_and_completion():
     assert run_cli("--version").stdout.strip() == f"fqcheck {fqcheck.__version__}"
     r = run_cli("--show-completion", "bash")
-    assert r.exit_code == 0 and "complete" in r.stdout
+    assert r.exit_code == 0 and "complete" in r.stdout, (r.output, r.exception)
 
 
 # --- API ------------------------------------------------------------------------------------
