@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import fqcheck
-from builders import raw_safetensors, save_shard
+from builders import fresh, raw_safetensors, save_shard
 from terminal import stderr_on_a_terminal
 from fqcheck.api import lint
 from fqcheck.cli import app
@@ -36,7 +36,8 @@ def damaged(tiny_llama, tmp_path, monkeypatch):
     second file written with format "np" (SFT006, error, safe fix); cwd is its parent."""
     shutil.copytree(tiny_llama, tiny_llama.parent / "clean")  # an undamaged twin, for tests that want one
     p = tiny_llama / "model.safetensors"
-    p.write_bytes(p.read_bytes()[:-100])
+    data = p.read_bytes()
+    fresh(p).write_bytes(data[:-100])
     save_shard(tiny_llama / "extra.safetensors", {"w": torch.zeros(2)}, metadata={"format": "np"})
     monkeypatch.chdir(tiny_llama.parent)
     return tiny_llama
