@@ -428,12 +428,12 @@ def test_action_definition():
 
 
 def _run_lint_step(bin_dir, tmp_path, folder, args):
-    """The Action's lint step, run by bash as the runner runs it, with its inputs in env."""
+    """The Action's lint step, run by bash as the runner runs a `shell: bash` step, inputs in env."""
     step = next(s for s in _load_yaml(ROOT / "action.yml")["runs"]["steps"] if s.get("id") == "lint")
     out, sarif = tmp_path / "github_output", tmp_path / "fqcheck.sarif"
     out.write_text("")
     env = _on_path(bin_dir, FQCHECK_PATH=folder, FQCHECK_ARGS=args, FQCHECK_SARIF=str(sarif), GITHUB_OUTPUT=str(out))
-    p = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=tmp_path, env=env, capture_output=True, text=True)
+    p = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr  # the step itself never fails: the last step does
     return p.stdout, sarif, out.read_text()
 
