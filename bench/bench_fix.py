@@ -6,6 +6,8 @@ times in one run: `cp` of the shards, and `python3 -m fqcheck fix DIR` (in place
 including interpreter start, the lint, the rewrite with fsync, the commit and the re-lint).
 
     python3 bench/bench_fix.py --size-gb 2
+
+Exit status 0 when both the CLI and the API meet the budget (>= 70 % of cp's throughput), 1 when not.
 """
 from __future__ import annotations
 
@@ -80,12 +82,16 @@ def time_cp(files, dst: Path) -> tuple[float, float]:
     return t_cp, t_sync
 
 
-def main() -> None:
+BUDGET = 0.70  # default budget: fix's throughput as a fraction of cp's (DESIGN.md)
+
+
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gb", type=float, default=2.0)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--tensor-mb", type=int, default=64)
     ap.add_argument("--dir", type=Path, default=ROOT / "bench" / "out" / "fix")
+    ap.add_argument("--budget", type=float, default=BUDGET, help="least fraction of the baseline's throughput")
     args = ap.parse_args()
 
     shutil.rmtree(args.dir, ignore_errors=True)
@@ -135,10 +141,13 @@ def main() -> None:
           f"{gb / (t_cp + t_sync):.2f} GB/s)")
     print(f"fqcheck fix:   {t_fix:7.2f} s  {gb / t_fix:6.2f} GB/s   (includes fsync, lint, commit, re-lint)")
     print(f"fqcheck.fix(): {t_api:7.2f} s  {gb / t_api:6.2f} GB/s   (Python API, no interpreter start)")
-    print(f"ratio fix/cp:  {t_cp / t_fix:7.2%} CLI, {t_cp / t_api:.2%} API   (budget >= 70%);  "
+    print(f"ratio fix/cp:  {t_cp / t_fix:7.2%} CLI, {t_cp / t_api:.2%} API   (budget >= {args.budget:.0%});  "
           f"vs cp+sync: {(t_cp + t_sync) / t_fix:.2%} CLI, {(t_cp + t_sync) / t_api:.2%} API")
     shutil.rmtree(args.dir, ignore_errors=True)
+    ok = min(t_cp / t_fix, t_cp / t_api) >= args.budget
+    print("budget:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

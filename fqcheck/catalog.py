@@ -69,8 +69,9 @@ def load_rule(p: Path) -> Rule:
     for key, allowed in (("severity", SEVERITIES), ("level", LEVELS), ("fix", FIXES)):
         if data[key] not in allowed:
             raise CatalogError(f"{p}: {key} = {data[key]!r}, expected one of {', '.join(allowed)}")
-    if data["code"] != p.stem:
-        raise CatalogError(f"{p}: code {data['code']!r} does not match the file name")
+    if data["code"] != p.stem:  # one file per code, named after it, as in rules/: no two files claim a code
+        raise CatalogError(f"{p}: code {data['code']!r} does not match the file name; "
+                           f"name the file {data['code']}.toml")
     match = data.get("match", {})
     if not isinstance(match, dict) or (match and sum(k in match for k in MATCH_KINDS) != 1):
         raise CatalogError(f"{p}: [match] must have exactly one of {', '.join(MATCH_KINDS)}")

