@@ -90,11 +90,8 @@ class _Analysis:
                 continue
             if not stored_q:
                 pending5.append((mod, f, f"stored unquantized ({main[0]}) but {layout.label} is declared for it and "
-                                 f"nothing excludes it: vLLM 0.33 builds the quantized parameters, "
-                                 + ("copies the float weight into them without a dtype check and keeps the scales' "
-                                    "initial values: loads silently with garbage" if F.main_suffix(layout) == "weight"
-                                    and layout.kind not in ("nvfp4", "w4a16_nvfp4") else
-                                    "and fails the shape assert (AssertionError) on the unpacked weight"), ts))
+                                 f"nothing excludes it: vLLM 0.33 builds the quantized parameters and "
+                                 + _float_into_quantized(layout), ts))
                 continue
             key = (layout, ".experts." in mod, tuple((s, v[0], v[1]) for s, v in ts.items()))
             found = cache.get(key)
@@ -125,14 +122,22 @@ class _Analysis:
             split.add(f)
             where = ", ".join(f"{m.rpartition('.')[2]} {'quantized' if q else 'unquantized'}"
                               f"{' (excluded)' if x else ''}" for m, q, x in shards)
-            err = (f"ValueError: Found different quantization schemes for the shards of {f}" if r.family ==
-                   "compressed-tensors" else f"ValueError: Detected some but not all shards of {f} are quantized. "
-                   "All shards of fused layers to have the same precision.")
-            first = shards[0][0]
-            w = self.modules[first]
+            if len(excluded) > 1:  # the config itself splits the layer: refused at start-up
+                err = "raises " + (f"ValueError: Found different quantization schemes for the shards of {f}"
+                                   if r.family == "compressed-tensors" else
+                                   f"ValueError: Detected some but not all shards of {f} are quantized. All shards "
+                                   "of fused layers to have the same precision.")
+            else:  # the config is consistent, the tensors are not
+                err = ("builds one fused layer " + ("unquantized and has no parameter for the quantized shards' "
+                       "scales (ValueError: There is no module or parameter named ...)" if excluded == {True} else
+                       "quantized and loads the float shard into it: " + _float_into_quantized(r.layout or
+                                                                                            r.groups[0][1])))
+            states = [(q, x) for _, q, x in shards]
+            odd = min(shards, key=lambda s: states.count((s[1], s[2])))[0]  # the shard unlike the others
+            w = self.modules[odd]
             main = w.get("weight_packed") or w.get("qweight") or w.get("weight")
             self.add("SRV008", f"{r.family}: shards of the fused layer {f} differ: {where}; vLLM 0.33 raises {err}",
-                     file=main[2], tensor=first)
+                     file=main[2], tensor=odd)
         return split
 
     def kv_scales(self, r: Resolved) -> None:
@@ -179,9 +184,8 @@ def _contract(layout: Layout, ts: dict, expert: bool) -> Iterator[tuple[str, str
                              f"({want_dtype}); {F.missing_effect(layout, ms, expert)}")
         return
     if main[0] != want_dtype:
-        yield "SRV003", ms, (f"is {main[0]} {list(main[1])}, expected {want_dtype}: vLLM 0.33 copies it into the "
-                             f"{want_dtype} parameter without a dtype check (copy_ casts) — corrupt weights, or an "
-                             "AssertionError where the shapes differ")
+        yield "SRV003", ms, (f"is {main[0]} {list(main[1])}, expected {want_dtype}: vLLM 0.33 has no dtype check "
+                             f"and {_float_into_quantized(layout)}")
         checked_shapes = False
     else:
         checked_shapes = True
@@ -211,6 +215,14 @@ def _contract(layout: Layout, ts: dict, expert: bool) -> Iterator[tuple[str, str
         yield "SRV006", s, f"is not part of {layout.label}{why}: " + NO_PARAM.format(t="{t}")
     if ms != "weight" and "weight" in ts:
         yield "SRV006", "weight", f"is stored next to {ms}: {NO_PARAM}"
+
+
+def _float_into_quantized(layout: Layout) -> str:
+    """What vLLM 0.33 does with a float weight loaded into this format's quantized weight parameter."""
+    if F.main_suffix(layout) == "weight" and layout.kind not in ("nvfp4", "w4a16_nvfp4"):
+        return ("copy_ casts the float values into the FP8/INT8 parameter of the same shape: loads silently with "
+                "garbage (the scales are not the weight's)")
+    return "the unpacked float shape fails the packed parameter's shape assert (AssertionError)"
 
 
 def _shape_text(shapes) -> str:

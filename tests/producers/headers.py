@@ -104,8 +104,9 @@ def llama_config(quantization_config: dict | None = None, **extra) -> dict:
     return cfg
 
 
-def write_safetensors(path: Path, tensors) -> None:
-    """A safetensors file whose data is a hole of the declared size (header exact, data zeros)."""
+def write_safetensors(path: Path, tensors, *, data: bool = False) -> None:
+    """A safetensors file whose data is a hole of the declared size (header exact, data zeros), or
+    with `data` distinct bytes per tensor (for fix tests that compare bytes)."""
     header, off = {"__metadata__": {"format": "pt"}}, 0
     for name, dtype, shape in tensors:
         n = ITEMSIZE[dtype]
@@ -117,22 +118,25 @@ def write_safetensors(path: Path, tensors) -> None:
     hb += b" " * (-len(hb) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hb)) + hb)
+        if data:
+            f.write(bytes(i * 7 % 251 for i in range(off)))
         f.truncate(8 + len(hb) + off)
 
 
-def write_checkpoint(d: Path, tensors, config: dict, *, hf_quant: dict | None = None, shards: int = 1) -> Path:
+def write_checkpoint(d: Path, tensors, config: dict, *, hf_quant: dict | None = None, shards: int = 1,
+                     data: bool = False) -> Path:
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     tensors = list(tensors)
     if shards == 1:
-        write_safetensors(d / "model.safetensors", tensors)
+        write_safetensors(d / "model.safetensors", tensors, data=data)
     else:
         per = cdiv(len(tensors), shards)
         weight_map, total = {}, 0
         for s in range(shards):
             part = tensors[s * per:(s + 1) * per]
             name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-            write_safetensors(d / name, part)
+            write_safetensors(d / name, part, data=data)
             for n, dt, shape in part:
                 weight_map[n] = name
                 size = ITEMSIZE[dt]
