@@ -214,3 +214,34 @@ def test_fused_shards_split_is_srv008(tmp_path, name):
     assert srv(d) == [("SRV008", Q)]
     msg = fqcheck.lint(d, select=["SRV008"]).findings[0].message
     assert "model.layers.0.self_attn.qkv_proj" in msg and "q_proj unquantized" in msg
+
+
+def _raw_tensors(path):
+    """name -> (dtype, shape, bytes) read straight from the file (no safetensors library)."""
+    import struct
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    base = 8 + n
+    return {k: (v["dtype"], v["shape"], raw[base + v["data_offsets"][0]:base + v["data_offsets"][1]])
+            for k, v in header.items()}
+
+
+def test_srv006_fix_drops_only_the_stray_tensors(tmp_path):
+    """The safe fix drops the tensors the loader has no parameter for; every other tensor keeps its
+    bytes, and the index follows."""
+    kind, cfg, *_ = FORMATS["fp8-block"]
+    stray = ["lm_head.input_scale", f"{O}.input_scale"]
+    config, _ = cfg(False)
+    d = write_checkpoint(tmp_path / "c", model(kind) + [(s, "F32", []) for s in stray], config, shards=2, data=True)
+    before = {p.name: _raw_tensors(p) for p in sorted(d.glob("*.safetensors"))}
+    assert srv(d) == sorted(("SRV006", s) for s in stray)
+    result = fqcheck.fix(d, select=["SRV"], quiet=True)
+    assert sorted(f.tensor for f in result.applied) == sorted(stray)
+    after = {p.name: _raw_tensors(p) for p in sorted(d.glob("*.safetensors"))}
+    for name, tensors in before.items():
+        assert after[name] == {k: v for k, v in tensors.items() if k not in stray}
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    assert not set(stray) & set(index["weight_map"])
+    assert srv(d) == [] and fqcheck.lint(d).findings == []
