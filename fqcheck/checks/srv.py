@@ -1,6 +1,10 @@
 """SRV: does the checkpoint meet the tensor contract of the serving loader (vLLM 0.33) for the
 quantization it declares? Header-only: names, dtypes and shapes from the safetensors headers, the
-configs from config.json / hf_quant_config.json. One analysis per checkpoint feeds all eight rules."""
+configs from config.json / hf_quant_config.json. One analysis per checkpoint feeds all eight rules.
+
+The analysis works on groups of module names, never module by module: a DeepSeek-R1 layout has
+90k tensors and 45k linears. The headers are read once into suffix -> kind -> [modules] (one
+dict step per name); formats are then checked per (suffix, kind) group with set operations."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -12,12 +16,14 @@ from ..engine import Hit, check
 from ..fix.edits import DropTensor
 from ..serve import formats as F
 from ..serve.config import Layout, Resolved, resolve
-from ..serve.match import QKV, decider, fused_name, inferred
+from ..serve.match import FUSED_TAILS, QKV, classify, fused_name, inferred, siblings
 
-KV_SUFFIXES = ("k_scale", "v_scale", "kv_scale")
-WANTED = frozenset(("weight", *F.QUANT_SUFFIXES, *KV_SUFFIXES, "g_idx"))
+MAINS = ("weight_packed", "qweight", "weight")   # a packed main tensor wins over a stray `weight`
+SUFFIXES = frozenset((*MAINS, *F.QUANT_SUFFIXES, "k_scale", "v_scale", "kv_scale"))
 NO_PARAM = ("vLLM 0.33 has no parameter for it and raises ValueError: There is no module or parameter named "
             "'{t}' (KeyError: '{t}' in models with their own load_weights)")
+CODES = ("SRV001", "SRV002", "SRV003", "SRV004", "SRV005", "SRV006", "SRV007", "SRV008")
+Kind = tuple  # (dtype, shape, nbytes), as the header columns hold it
 
 
 def _rule(code: str) -> None:
@@ -26,7 +32,7 @@ def _rule(code: str) -> None:
         return iter(_analyse(ckpt).get(code, ()))
 
 
-for _code in ("SRV001", "SRV002", "SRV003", "SRV004", "SRV005", "SRV006", "SRV007", "SRV008"):
+for _code in CODES:
     _rule(_code)
 
 
@@ -41,9 +47,43 @@ class _Analysis:
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self.hits: dict[str, list[Hit]] = defaultdict(list)
+        self.T: dict[str, dict[Kind, list[str]]] = {}
+        self._index: dict[str, tuple[dict[str, int], list[Kind]]] = {}
 
-    def add(self, code: str, message: str, file=None, tensor=None, fix=None) -> None:
-        self.hits[code].append(Hit(message, file=file, tensor=tensor, fix=fix))
+    # --- lookups, built on first use ---
+
+    def index(self, suffix: str) -> tuple[dict[str, int], list[Kind]]:
+        """{module: kind number} of the modules storing `<module>.<suffix>`, and the kinds. Built with
+        dict.fromkeys per kind (C speed); kind numbers are ints, cheap to hash, unlike kind tuples."""
+        got = self._index.get(suffix)
+        if got is None:
+            d: dict[str, int] = {}
+            kinds = list(self.T[suffix])
+            for i, k in enumerate(kinds):
+                d.update(dict.fromkeys(self.T[suffix][k], i))
+            got = self._index[suffix] = (d, kinds)
+        return got
+
+    def has(self, suffix: str):
+        return self.index(suffix)[0].keys()
+
+    def kind(self, suffix: str, m: str) -> Kind | None:
+        d, kinds = self.index(suffix)
+        return kinds[d[m]] if m in d else None
+
+    def main_of(self, m: str) -> str:
+        return next((s for s in MAINS if m in self.has(s)), "weight")
+
+    def file_of(self, tensor: str) -> str | None:
+        found = self.ckpt.tensor(tensor)
+        return found[0] if found else None
+
+    def add(self, code: str, message: str, tensor: str | None = None, file: str | None = None, drop: bool = False):
+        file = file or (self.file_of(tensor) if tensor else None)
+        self.hits[code].append(Hit(message, file=file, tensor=tensor,
+                                   fix=DropTensor(file, tensor) if drop and file else None))
+
+    # --- the rules ---
 
     def run(self) -> dict[str, list[Hit]]:
         r = resolve(self.ckpt)
@@ -52,169 +92,197 @@ class _Analysis:
         for p in r.problems:
             self.add("SRV001", p, file=r.source)
         if r.usable and (r.layout is not None or r.groups):
-            self.modules = _modules(self.ckpt)
+            self.T = _scan(self.ckpt)
             self.linears(r)
             if r.kv:
                 self.kv_scales(r)
         return dict(self.hits)
 
     def linears(self, r: Resolved) -> None:
-        decide = decider(r)
-        guess = inferred(r)
-        fused: dict[str, list] = defaultdict(list)
-        pending5: list[tuple] = []
-        cache: dict = {}
-        for mod, ts in self.modules.items():
-            main = ts.get("weight_packed") or ts.get("qweight") or ts.get("weight")
-            if main is None:
+        T = self.T
+        packed = self.has("weight_packed") | self.has("qweight")  # a set
+        groups = [(s, k, ms) for s in MAINS for k, ms in T[s].items()]
+        if packed:  # a packed main tensor wins over a stray `weight` (reported by the contract)
+            groups = [(s, k, [m for m in ms if m not in packed] if s == "weight" else ms) for s, k, ms in groups]
+        evidence = [self.has(e) for e in F.EVIDENCE if T[e]]
+        stored_q: set[str] = set()   # stored quantized: a quantized dtype or a quantization tensor
+        floats: list[str] = []        # 2-D float weights without one: few in a quantized checkpoint
+        for s, k, ms in groups:
+            if k[0] in F.QUANT_DTYPES or s != "weight":
+                stored_q.update(ms)
                 continue
-            stored_q = main[0] in F.QUANT_DTYPES or any(s in ts for s in F.EVIDENCE)
-            if len(main[1]) != 2 and not stored_q:
-                continue  # norms, biases, 3-D tensors of unquantized modules
-            layout, why = decide(mod)
-            if guess:  # GPTQ/AWQ without lists: vLLM infers the quantized set from these very dtypes
-                layout, why = (r.layout, "") if stored_q else (None, "inferred unquantized from its dtypes")
-            f = fused_name(mod)
-            if f is not None:
-                fused[f].append((mod, stored_q, layout is None))
-            if layout is None:
-                if stored_q:
-                    pending5.append((mod, f, f"{r.source} says unquantized ({why}) but it is stored quantized: vLLM "
-                                     f"0.33 builds it unquantized and raises ValueError: There is no module or "
-                                     f"parameter named '{mod}.…' for its quantization tensors", ts))
-                else:
-                    for s in ts.keys() & F.QUANT_SUFFIXES:
-                        t = f"{mod}.{s}"
-                        self.add("SRV006", f"{r.family}: {t} on a module vLLM builds unquantized ({why}): "
-                                 + NO_PARAM.format(t=t), file=ts[s][2], tensor=t, fix=DropTensor(ts[s][2], t))
+            two_d = len(k[1]) == 2
+            for m in ms:
+                if any(m in e for e in evidence):
+                    stored_q.add(m)
+                elif two_d:
+                    floats.append(m)
+        single = r.layout if r.layout is not None else r.groups[0][1]  # the layout when there is one
+        if inferred(r):  # GPTQ/AWQ without lists: vLLM infers the quantized set from these very dtypes
+            unq, layout_of = dict.fromkeys(floats, "inferred unquantized from its dtypes"), None
+        else:
+            unq, layout_of = classify(r, stored_q, floats)
+        split = self.fused_groups(r, single, stored_q, unq, floats)
+        # Built unquantized but stored quantized (SRV005); quantization tensors on a module built
+        # and stored unquantized have no parameter (SRV006).
+        for m in sorted(m for m in unq if m in stored_q):
+            if fused_name(m) not in split:
+                q = next((s for s in sorted(F.EVIDENCE) if m in self.has(s)), "weight_scale")
+                self.add("SRV005", f"{r.family}: {m} is stored quantized but {r.source} leaves it unquantized "
+                         f"({unq[m]}): vLLM 0.33 builds it unquantized and raises ValueError: There is no module or "
+                         f"parameter named '{m}.{q}'", tensor=m, file=self.file_of(f"{m}.{self.main_of(m)}"))
+        strays = {m for m in unq if m not in stored_q}
+        for s in sorted(F.QUANT_SUFFIXES):
+            for m in sorted(self.has(s) & strays) if T[s] else ():
+                t = f"{m}.{s}"
+                self.add("SRV006", f"{r.family}: {t} on a module vLLM builds unquantized ({unq[m]}): "
+                         + NO_PARAM.format(t=t), tensor=t, drop=True)
+        # Built quantized but stored as a float weight.
+        for m in sorted(m for m in floats if m not in unq):
+            if fused_name(m) in split:
                 continue
-            if not stored_q:
-                pending5.append((mod, f, f"stored unquantized ({main[0]}) but {layout.label} is declared for it and "
-                                 f"nothing excludes it: vLLM 0.33 builds the quantized parameters and "
-                                 + _float_into_quantized(layout), ts))
+            layout = layout_of(m) if layout_of else single
+            self.add("SRV005", f"{r.family}: {m} is stored unquantized ({self.kind('weight', m)[0]}) but "
+                     f"{layout.label} is declared for it and nothing excludes it: vLLM 0.33 builds the quantized "
+                     "parameters and " + _float_into_quantized(layout), tensor=m, file=self.file_of(f"{m}.weight"))
+        # Built and stored quantized: the contract, per (layout, main tensor kind).
+        for s, kind, ms in groups:
+            q = stored_q.intersection(ms) if s == "weight" and kind[0] not in F.QUANT_DTYPES else set(ms)
+            q.difference_update(unq)
+            if not q:
                 continue
-            key = (layout, ".experts." in mod, tuple((s, v[0], v[1]) for s, v in ts.items()))
-            found = cache.get(key)
-            if found is None:
-                found = cache[key] = list(_contract(layout, ts, ".experts." in mod))
-            for code, s, text in found:
-                t = f"{mod}.{s}"
-                file = ts[s][2] if s in ts else ts[F.main_suffix(layout)][2] if F.main_suffix(layout) in ts else main[2]
-                self.add(code, f"{layout.label}: {t} {text.replace('{t}', t)}", file=file, tensor=t,
-                         fix=DropTensor(file, t) if code == "SRV006" else None)
-        split = self.fused_groups(r, fused)
-        for mod, f, text, ts in pending5:
-            if f not in split:
-                w = ts.get("weight_packed") or ts.get("qweight") or ts.get("weight")
-                self.add("SRV005", f"{r.family}: {mod} {text}", file=w[2], tensor=mod)
+            if layout_of is None:
+                self.contract(single, s, kind, q)
+                continue
+            per_layout: dict[Layout, set] = defaultdict(set)
+            for m in q:
+                per_layout[layout_of(m)].add(m)
+            for layout, lq in per_layout.items():
+                self.contract(layout, s, kind, lq)
 
-    def fused_groups(self, r: Resolved, fused: dict[str, list]) -> set[str]:
-        """SRV008: shards of one fused layer must all be quantized or all not, in the config and in
-        the tensors (quant_utils.is_layer_skipped / compressed-tensors should_ignore_layer)."""
-        split = set()
-        for f, shards in fused.items():
-            if len(shards) < 2:
+    def contract(self, layout: Layout, s: str, kind: Kind, modset: set[str]) -> None:
+        """One format's contract over the modules sharing one main tensor kind."""
+        T = self.T
+        ms = F.main_suffix(layout)
+        label = layout.label
+        if s != ms and ms != "weight":
+            for m in sorted(modset):
+                self.add("SRV002", f"{label}: {m}.{ms} is missing: {label} stores the quantized weight as {ms} "
+                         f"({F.MAIN_DTYPE[layout.kind]}), found {m}.{s}; {F.missing_effect(layout, ms, '.experts.' in m)}",
+                         tensor=f"{m}.{ms}", file=self.file_of(f"{m}.{s}"))
+            return
+        want_dtype = F.MAIN_DTYPE[layout.kind]
+        wants: list[F.Want] = []
+        if kind[0] != want_dtype:
+            for m in sorted(modset):
+                self.add("SRV003", f"{label}: {m}.{s} is {kind[0]} {list(kind[1])}, expected {want_dtype}: vLLM 0.33 "
+                         f"has no dtype check and {_float_into_quantized(layout)}", tensor=f"{m}.{s}")
+            expected = set(F.QUANT_SUFFIXES)  # the format's dims cannot be read back: companions not judged
+        else:
+            wants, problem = F.wants(layout, kind[1])
+            expected = {w.suffix for w in wants}
+            if problem:
+                for m in sorted(modset):
+                    self.add("SRV004", f"{label}: {m}.{s} {list(kind[1])} {problem}", tensor=f"{m}.{s}")
+                expected = set(F.QUANT_SUFFIXES)
+        for w in wants:
+            if w.required and not self.has(w.suffix) >= modset:
+                for m in sorted(modset - self.has(w.suffix)):
+                    self.add("SRV002", f"{label}: {m}.{w.suffix} is missing ({label} needs {w.dtypes[0]} "
+                             f"{_shape_text(w.shapes)}): {F.missing_effect(layout, w.suffix, '.experts.' in m)}",
+                             tensor=f"{m}.{w.suffix}", file=self.file_of(f"{m}.{s}"))
+            d, kinds = self.index(w.suffix)
+            bad = {i for i in set(map(d.get, modset)) if i is not None and not _fits(w, kinds[i])}
+            for m in sorted(m for m in modset if d.get(m) in bad) if bad else ():
+                k, t = kinds[d[m]], f"{m}.{w.suffix}"
+                if k[0] not in w.dtypes:
+                    self.add("SRV003", f"{label}: {t} is {k[0]}, expected {' or '.join(w.dtypes)}: vLLM 0.33 "
+                             "copies it without a dtype check (copy_ casts the values into another format)", tensor=t)
+                else:
+                    self.add("SRV004", f"{label}: {t} has shape {list(k[1])}, expected {_shape_text(w.shapes)} for "
+                             f"the weight {list(kind[1])}: vLLM 0.33 fails its shape assert (AssertionError) at load",
+                             tensor=t)
+        extra = (F.QUANT_SUFFIXES | {"weight"}) - expected - {ms} - set(F.TOLERATED.get(layout.kind, ()))
+        for x in sorted(extra):
+            if not T[x]:
                 continue
-            stored = {q for _, q, _ in shards}
-            excluded = {x for _, _, x in shards}
-            if len(stored) == 1 and len(excluded) == 1:
+            for m in sorted(self.has(x) & modset):
+                t = f"{m}.{x}"
+                why = " (dynamic activations)" if x in ("input_scale", "input_global_scale") else \
+                    " (symmetric scheme)" if x.endswith("zero_point") else f" (stored next to {ms})" if x in MAINS else ""
+                self.add("SRV006", f"{label}: {t} is not part of {label}{why}: " + NO_PARAM.format(t=t),
+                         tensor=t, drop=True)
+
+    def fused_groups(self, r: Resolved, single: Layout, stored_q: set, unq: dict, floats: list) -> set[str]:
+        """SRV008: shards of one fused layer must all be quantized or all not, in the config and in
+        the tensors (quant_utils.is_layer_skipped / compressed-tensors should_ignore_layer). Only a
+        fused layer with an odd shard (unquantized or excluded) can differ: those are few."""
+        float_set = set(floats)
+        odd = [m for m in float_set.union(unq) if m.endswith(FUSED_TAILS)]
+        split: set[str] = set()
+        for m in sorted(odd):
+            f = fused_name(m)
+            if f is None or f in split:
+                continue
+            shards = [s for s in siblings(m) if s in stored_q or s in float_set]
+            states = [(s in stored_q, s in unq) for s in shards]
+            if len(shards) < 2 or len(set(states)) == 1:
                 continue
             split.add(f)
-            where = ", ".join(f"{m.rpartition('.')[2]} {'quantized' if q else 'unquantized'}"
-                              f"{' (excluded)' if x else ''}" for m, q, x in shards)
-            if len(excluded) > 1:  # the config itself splits the layer: refused at start-up
+            where = ", ".join(f"{s.rpartition('.')[2]} {'quantized' if q else 'unquantized'}"
+                              f"{' (excluded)' if x else ''}" for s, (q, x) in zip(shards, states))
+            if len({x for _, x in states}) > 1:  # the config itself splits the layer: refused at start-up
                 err = "raises " + (f"ValueError: Found different quantization schemes for the shards of {f}"
                                    if r.family == "compressed-tensors" else
                                    f"ValueError: Detected some but not all shards of {f} are quantized. All shards "
                                    "of fused layers to have the same precision.")
-            else:  # the config is consistent, the tensors are not
-                err = ("builds one fused layer " + ("unquantized and has no parameter for the quantized shards' "
-                       "scales (ValueError: There is no module or parameter named ...)" if excluded == {True} else
-                       "quantized and loads the float shard into it: " + _float_into_quantized(r.layout or
-                                                                                            r.groups[0][1])))
-            states = [(q, x) for _, q, x in shards]
-            odd = min(shards, key=lambda s: states.count((s[1], s[2])))[0]  # the shard unlike the others
-            w = self.modules[odd]
-            main = w.get("weight_packed") or w.get("qweight") or w.get("weight")
-            self.add("SRV008", f"{r.family}: shards of the fused layer {f} differ: {where}; vLLM 0.33 raises {err}",
-                     file=main[2], tensor=odd)
+            elif states[0][1]:
+                err = ("builds the fused layer unquantized and has no parameter for the quantized shards' tensors "
+                       "(ValueError: There is no module or parameter named ...)")
+            else:
+                err = "builds the fused layer quantized and " + _float_into_quantized(single)
+            odd_one = min(zip(shards, states), key=lambda p: states.count(p[1]))[0]  # the shard unlike the others
+            self.add("SRV008", f"{r.family}: shards of the fused layer {f} differ: {where}; vLLM 0.33 {err}",
+                     tensor=odd_one, file=self.file_of(f"{odd_one}.{self.main_of(odd_one)}"))
         return split
 
     def kv_scales(self, r: Resolved) -> None:
         """SRV007: the KV-cache scales vLLM maps (base_config.get_cache_scale_mapper, §2.7)."""
-        attn = sorted({m.rpartition(".")[0] for m in self.modules if m.rpartition(".")[2] in (*QKV, "qkv_proj")})
-        heads_ok = isinstance(r.raw.get("kv_cache_scheme"), dict) and r.raw["kv_cache_scheme"].get("strategy") == "attn_head"
+        tails = tuple(f".{t}" for t in (*QKV, "qkv_proj"))
+        attn = sorted({m.rpartition(".")[0] for ms in self.T["weight"].values() for m in ms if m.endswith(tails)})
+        kv = r.raw.get("kv_cache_scheme")
+        heads_ok = isinstance(kv, dict) and kv.get("strategy") == "attn_head"
         for a in attn:
-            for kind in ("k_scale", "v_scale"):
-                names = (f"{a}.{kind[0]}_proj.{kind}", f"{a}.qkv_proj.{kind}", f"{a}.{kind}")
-                hit = next(((n, self.modules.get(n.rpartition('.')[0], {}).get(kind)) for n in names
-                            if kind in self.modules.get(n.rpartition(".")[0], {})), None)
-                if hit is None:
-                    old = self.modules.get(a, {}).get("kv_scale") or self.modules.get(f"{a}.k_proj", {}).get("kv_scale")
+            for scale in ("k_scale", "v_scale"):
+                names = (f"{a}.{scale[0]}_proj", f"{a}.qkv_proj", a)
+                holder = next((n for n in names if n in self.has(scale)), None)
+                if holder is None:
+                    old = next((n for n in (a, f"{a}.k_proj") if n in self.has("kv_scale")), None)
                     if old is not None:
-                        if kind == "k_scale":
-                            self.add("SRV007", f"{r.family}: {a} stores the deprecated kv_scale instead of k_scale/"
-                                     "v_scale: vLLM 0.33 warns DEPRECATED. Found kv_scale in the checkpoint and uses "
-                                     "it for both", file=old[2], tensor=f"{a}.kv_scale")
+                        if scale == "k_scale":
+                            self.add("SRV007", f"{r.family}: {old}.kv_scale is the deprecated single KV scale: vLLM "
+                                     "0.33 warns 'DEPRECATED. Found kv_scale in the checkpoint' and uses it for both k "
+                                     "and v", tensor=f"{old}.kv_scale")
                         continue
-                    self.add("SRV007", f"{r.family}: KV-cache quantization is declared but {a} has no {kind} (looked for "
-                             f"{names[0]}, {names[1]}, {names[2]}): vLLM 0.33 falls back to 1.0 with the warning "
-                             "'Using KV cache scaling factor 1.0 for fp8_e4m3'", tensor=a)
+                    self.add("SRV007", f"{r.family}: KV-cache quantization is declared but {a} has no {scale} (looked "
+                             f"for {names[0]}.{scale}, {names[1]}.{scale}, {a}.{scale}): vLLM 0.33 falls back to 1.0 "
+                             "with the warning 'Using KV cache scaling factor 1.0 for fp8_e4m3'", tensor=a,
+                             file=self.file_of(f"{names[0]}.weight"))
                     continue
-                name, (dtype, shape, file) = hit
+                dtype, shape, _ = self.kind(scale, holder)
+                t = f"{holder}.{scale}"
                 numel = 1
                 for d in shape:
                     numel *= d
                 if numel != 1 and not (heads_ok and len(shape) == 3 and shape[1:] == (1, 1)):
-                    self.add("SRV007", f"{r.family}: {name} has shape {list(shape)}, not a scalar: vLLM 0.33 raises "
-                             f"ValueError: KV-cache scale expects a scalar weight, got shape {list(shape)}",
-                             file=file, tensor=name)
+                    self.add("SRV007", f"{r.family}: {t} has shape {list(shape)}, not a scalar: vLLM 0.33 raises "
+                             f"ValueError: KV-cache scale expects a scalar weight, got shape {list(shape)}", tensor=t)
                 elif dtype not in F.FLOAT:
-                    self.add("SRV007", f"{r.family}: {name} is {dtype}, not a float scale", file=file, tensor=name)
+                    self.add("SRV007", f"{r.family}: {t} is {dtype}, not a float scale", tensor=t)
 
 
-def _contract(layout: Layout, ts: dict, expert: bool) -> Iterator[tuple[str, str, str]]:
-    """(code, suffix, text) for one stored-quantized module against its layout: pure, cached per
-    (layout, names/dtypes/shapes) because a large MoE repeats one shape thousands of times."""
-    ms = F.main_suffix(layout)
-    main = ts.get(ms)
-    want_dtype = F.MAIN_DTYPE[layout.kind]
-    if main is None:
-        yield "SRV002", ms, (f"is missing: {layout.label} stores the quantized weight as {ms} "
-                             f"({want_dtype}); {F.missing_effect(layout, ms, expert)}")
-        return
-    if main[0] != want_dtype:
-        yield "SRV003", ms, (f"is {main[0]} {list(main[1])}, expected {want_dtype}: vLLM 0.33 has no dtype check "
-                             f"and {_float_into_quantized(layout)}")
-        checked_shapes = False
-    else:
-        checked_shapes = True
-    companions, shape_problem = F.wants(layout, main[1]) if checked_shapes else ([], None)
-    if shape_problem:
-        yield "SRV004", ms, f"{list(main[1])} {shape_problem}"
-    expected = {ms}
-    for w in companions:
-        expected.add(w.suffix)
-        got = ts.get(w.suffix)
-        if got is None:
-            if w.required:
-                yield "SRV002", w.suffix, (f"is missing ({layout.label} needs {'/'.join(w.dtypes[:1])} "
-                                           f"{_shape_text(w.shapes)}): {F.missing_effect(layout, w.suffix, expert)}")
-            continue
-        if got[0] not in w.dtypes:
-            yield "SRV003", w.suffix, (f"is {got[0]}, expected {' or '.join(w.dtypes)}: vLLM 0.33 copies it without a "
-                                       "dtype check (copy_ casts the values into the wrong format)")
-        elif w.shapes is not None and tuple(got[1]) not in w.shapes:
-            yield "SRV004", w.suffix, (f"has shape {list(got[1])}, expected {_shape_text(w.shapes)} for the weight "
-                                       f"{list(main[1])}: vLLM 0.33 fails its shape assert (AssertionError) at load")
-    if not checked_shapes or shape_problem:  # the format's dims are unknown: companions not judged
-        expected |= F.QUANT_SUFFIXES
-    for s in ts.keys() & F.QUANT_SUFFIXES - expected - set(F.TOLERATED.get(layout.kind, ())):
-        why = " (dynamic activations)" if s in ("input_scale", "input_global_scale") else \
-            " (symmetric scheme)" if s.endswith("zero_point") else ""
-        yield "SRV006", s, f"is not part of {layout.label}{why}: " + NO_PARAM.format(t="{t}")
-    if ms != "weight" and "weight" in ts:
-        yield "SRV006", "weight", f"is stored next to {ms}: {NO_PARAM}"
+def _fits(w: F.Want, kind: Kind) -> bool:
+    return kind[0] in w.dtypes and (w.shapes is None or kind[1] in w.shapes)
 
 
 def _float_into_quantized(layout: Layout) -> str:
@@ -233,22 +301,31 @@ def _shape_text(shapes) -> str:
     return " or ".join(str(list(s)) for s in sorted(shapes))
 
 
-def _modules(ckpt: Checkpoint) -> dict[str, dict[str, tuple]]:
-    """module prefix -> {suffix: (dtype, shape, file)} for the tensors the contracts name, straight
-    from the header columns (no TensorEntry per tensor: a DeepSeek-R1 layout has 90k names)."""
-    mods: dict[str, dict[str, tuple]] = {}
-    for fname, h in ckpt.headers().items():
+def _scan(ckpt: Checkpoint) -> dict[str, dict[Kind, list[str]]]:
+    """suffix -> {kind: [modules]} for the tensor names the contracts use, from the header columns
+    (no TensorEntry per tensor). Per shard the modules are grouped by the header's kind number (an
+    int key), then merged by kind."""
+    T: dict[str, dict[Kind, list[str]]] = {s: {} for s in SUFFIXES}   # every suffix present, maybe empty
+    for h in ckpt.headers().values():
         cols = columns(h)
         if cols is None:
-            rows = ((e.name, e.dtype, e.shape) for e in h.tensors.values())
+            names = list(h.tensors)
+            kinds = [(e.dtype, tuple(e.shape), e.end - e.begin) for e in h.tensors.values()]
+            ids = range(len(names))
         else:
             names, kinds, ids = cols[3], cols[4], cols[5]
-            rows = ((n, *kinds[i][:2]) for n, i in zip(names, ids))
-        for name, dtype, shape in rows:
+        local: dict[str, dict[int, list[str]]] = {s: {} for s in SUFFIXES}
+        get = local.get
+        for name, i in zip(names, ids):
             mod, _, suffix = name.rpartition(".")
-            if suffix in WANTED:
-                d = mods.get(mod)
-                if d is None:
-                    d = mods[mod] = {}
-                d[suffix] = (dtype, tuple(shape), fname)
-    return mods
+            byid = get(suffix)
+            if byid is not None:
+                ms = byid.get(i)
+                if ms is None:
+                    byid[i] = [mod]
+                else:
+                    ms.append(mod)
+        for s, byid in local.items():
+            for i, ms in byid.items():
+                T[s].setdefault(kinds[i], []).extend(ms)
+    return T
