@@ -186,13 +186,14 @@ class _Analysis:
                     self.add("SRV004", f"{label}: {m}.{s} {list(kind[1])} {problem}", tensor=f"{m}.{s}")
                 expected = set(F.QUANT_SUFFIXES)
         for w in wants:
-            if w.required and not self.has(w.suffix) >= modset:
-                for m in sorted(modset - self.has(w.suffix)):
+            d, kinds = self.index(w.suffix)
+            found = set(map(d.get, modset))  # the kind numbers of this companion; None: missing somewhere
+            if w.required and None in found:
+                for m in sorted(modset.difference(d)):
                     self.add("SRV002", f"{label}: {m}.{w.suffix} is missing ({label} needs {w.dtypes[0]} "
                              f"{_shape_text(w.shapes)}): {F.missing_effect(layout, w.suffix, '.experts.' in m)}",
                              tensor=f"{m}.{w.suffix}", file=self.file_of(f"{m}.{s}"))
-            d, kinds = self.index(w.suffix)
-            bad = {i for i in set(map(d.get, modset)) if i is not None and not _fits(w, kinds[i])}
+            bad = {i for i in found if i is not None and not _fits(w, kinds[i])}
             for m in sorted(m for m in modset if d.get(m) in bad) if bad else ():
                 k, t = kinds[d[m]], f"{m}.{w.suffix}"
                 if k[0] not in w.dtypes:
