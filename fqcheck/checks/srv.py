@@ -233,8 +233,8 @@ class _Analysis:
             where = ", ".join(f"{s.rpartition('.')[2]} {'quantized' if q else 'unquantized'}"
                               f"{' (excluded)' if x else ''}" for s, (q, x) in zip(shards, states))
             if len({x for _, x in states}) > 1:  # the config itself splits the layer: refused at start-up
-                err = "raises " + (f"ValueError: Found different quantization schemes for the shards of {f}"
-                                   if r.family == "compressed-tensors" else
+                err = "raises " + (f"ValueError: Found different quantization schemes for the shards of {f}. "
+                                   "vLLM requires all to use the same scheme." if r.family == "compressed-tensors" else
                                    f"ValueError: Detected some but not all shards of {f} are quantized. All shards "
                                    "of fused layers to have the same precision.")
             elif states[0][1]:

@@ -321,10 +321,12 @@ def _awq(qc: dict, source: str) -> Resolved:
         return _refuse(r, "AWQ config lacks bits/w_bit, group_size/q_group_size or zero_point; vLLM 0.33 raises "
                           "ValueError: Cannot find any of ...")
     if bits != 4:
-        return _refuse(r, f"AWQ bits={bits}: vLLM 0.33 supports only 4-bit AWQ")
+        return _refuse(r, f"AWQ bits={bits}: vLLM 0.33 supports only 4-bit AWQ here and raises ValueError: "
+                          f"Unsupported num_bits = {bits}. Supported: 4.")
     if not isinstance(gs, int) or gs <= 0:
         return _refuse(r, f"AWQ group_size {gs!r} is not a positive integer")
     r.layout = Layout("awq", f"AWQ 4-bit g{gs}", bits=4, group=gs, sym=not qc["zero_point"])
+    r.extra["lm_head"] = bool(qc.get("lm_head", False))
     skip = qc.get("modules_to_not_convert")
     if isinstance(skip, list):
         r.exclude = [m for m in skip if isinstance(m, str)]

@@ -22,7 +22,7 @@ ROUTER_TAILS = (".gate", ".router")   # `….mlp.gate` (Qwen/DeepSeek MoE), `…
 LM_HEAD_TAILS = (".lm_head",)
 # Where models keep lm_head (text models, and VLMs' language_model); looked up, not scanned for.
 LM_HEADS = ("lm_head", "language_model.lm_head", "model.language_model.lm_head")
-VISION = ("vision_tower", "vision_model", "visual")  # modelopt.py get_quant_method hard-codes these
+VISION = ("vision_tower", "vision_model", "vit_large_projector")  # vLLM 0.33 modelopt.py get_quant_method
 
 Classified = tuple[dict[str, str], Callable[[str], Layout] | None]
 
@@ -129,6 +129,8 @@ def _ct(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
     ign_re = re.compile("|".join(f"(?:{p})" for p in regs)) if regs else None
     for m in exact.intersection(mods):
         unq[m] = "listed in ignore"
+    for m in [m for m in mods if m.endswith(FUSED_TAILS) and fused_name(m) in exact] if exact else ():
+        unq[m] = f"its fused layer {fused_name(m)} is listed in ignore"
     for m in _lm_heads(quantized, floats):
         unq.setdefault(m, "vLLM's compressed-tensors config leaves lm_head (not a LinearBase) unquantized")
     if ign_re is not None:
@@ -176,13 +178,14 @@ def _gptq(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
 
 
 def _awq(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
-    # auto_awq.py: modules_to_not_convert by substring; lm_head is built unquantized.
+    # auto_awq.py: modules_to_not_convert by substring; lm_head is quantized only with `lm_head: true`.
     unq = _embeddings(floats)
     for m in _all(quantized, floats):
         if m in unq:
             continue
         if _is_lm_head(m):
-            unq[m] = "vLLM's AWQ config leaves lm_head unquantized"
+            if not r.extra.get("lm_head"):
+                unq[m] = "lm_head is quantized only with lm_head: true"
         else:
             hit = next((s for s in r.exclude if s in m), None)
             if hit is not None:
