@@ -35,7 +35,8 @@ def srv(dump: dict, tmp_path) -> list[tuple[str, str]]:
 def test_dumps_are_present_and_small():
     names = {p.stem for p in DUMPS}
     assert {"modelopt-fp8-kv", "modelopt-fp8-pcpt", "modelopt-fp8-pb-wo", "modelopt-nvfp4-kv", "modelopt-w4a16-nvfp4",
-            "llmc-fp8-dynamic", "llmc-w8a8-int8", "llmc-w4a16", "llmc-nvfp4a16"} <= names
+            "modelopt-fp8-moe", "modelopt-nvfp4-moe", "llmc-fp8-dynamic", "llmc-w8a8-int8", "llmc-w4a16",
+            "llmc-nvfp4a16"} <= names
     assert all(p.stat().st_size < 20_000 for p in DUMPS)
 
 
@@ -82,3 +83,25 @@ def test_real_export_kv_scale_missing(stem, tmp_path):
     dump = load(Path(__file__).parent / "data" / "srv" / f"{stem}.json")
     tensors(dump).pop("model.layers.1.self_attn.v_proj.v_scale")
     assert srv(dump, tmp_path) == [("SRV007", "model.layers.1.self_attn")]
+
+
+@pytest.mark.parametrize("stem", ["modelopt-fp8-moe", "modelopt-nvfp4-moe"])
+def test_real_moe_export_expert_scale_missing(stem, tmp_path):
+    """vLLM issue #45212: an expert never routed in calibration exported without its input_scale."""
+    dump = load(Path(__file__).parent / "data" / "srv" / f"{stem}.json")
+    t = "model.layers.1.mlp.experts.2.down_proj.input_scale"
+    tensors(dump).pop(t)
+    assert srv(dump, tmp_path) == [("SRV002", t)]
+
+
+@pytest.mark.parametrize("stem", ["modelopt-fp8-moe", "modelopt-nvfp4-moe"])
+def test_real_moe_export_router_not_excluded(stem, tmp_path):
+    """Model-Optimizer PR #1858: the exporter now lists the BF16 routers; without them vLLM builds
+    quantized routers (NVFP4: AssertionError on the shape; FP8: silent garbage)."""
+    dump = load(Path(__file__).parent / "data" / "srv" / f"{stem}.json")
+    cfg = dump["json"]["config.json"]["quantization_config"]
+    hq = dump["json"]["hf_quant_config.json"]["quantization"]
+    routers = [e for e in cfg["ignore"] if e.endswith("mlp.gate")]
+    assert routers == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    cfg["ignore"] = hq["exclude_modules"] = [e for e in cfg["ignore"] if e not in routers]
+    assert srv(dump, tmp_path) == [("SRV005", r) for r in routers]
