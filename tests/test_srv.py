@@ -245,3 +245,31 @@ def test_srv006_fix_drops_only_the_stray_tensors(tmp_path):
     index = json.loads((d / "model.safetensors.index.json").read_text())
     assert not set(stray) & set(index["weight_map"])
     assert srv(d) == [] and fqcheck.lint(d).findings == []
+
+
+# --- DeepSeek-V3 block FP8 at its real dimensions (MLA, shared experts, partial blocks) ---
+
+def _deepseek(tmp_path, edit=None):
+    from producers.headers import DEEPSEEK_QUANT, deepseek_v3
+    ts = deepseek_v3()
+    cfg = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "num_hidden_layers": 2,
+           "quantization_config": DEEPSEEK_QUANT}
+    return write_checkpoint(tmp_path / "ds", edit(ts) if edit else ts, cfg)
+
+
+KV_A = "model.layers.1.self_attn.kv_a_proj_with_mqa"
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (None, []),
+    (change(f"{KV_A}.weight_scale_inv", shape=[4, 56]), [("SRV004", f"{KV_A}.weight_scale_inv")]),  # floor, not cdiv
+    (drop("model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"),
+     [("SRV002", "model.layers.1.mlp.experts.3.up_proj.weight_scale_inv")]),
+    (as_bf16(KV_A, 576, 7168), [("SRV005", KV_A)]),
+    (lambda ts: ts + [(f"{KV_A}.input_scale", "F32", [])], [("SRV006", f"{KV_A}.input_scale")]),
+    # a router is model-dependent under fp8: quantized with its scale, or BF16 (as shipped), both pass
+    (lambda ts: change("model.layers.1.mlp.gate.weight", "F8_E4M3")(ts)
+     + [("model.layers.1.mlp.gate.weight_scale_inv", "F32", [2, 56])], []),
+], ids=["clean", "floor-scale", "expert-scale", "bf16-not-ignored", "input-scale", "router"])
+def test_deepseek_v3_block_fp8(tmp_path, edit, expect):
+    assert srv(_deepseek(tmp_path, edit)) == expect

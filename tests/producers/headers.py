@@ -165,3 +165,34 @@ def modelopt_configs(algo: str, exclude: list[str], *, kv: str | None = None, gr
     if kv is not None:
         flat["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
     return flat, hq
+
+
+def deepseek_v3(experts: int = 4):
+    """DeepSeek-V3/R1 tensors at their real dimensions (README_WEIGHTS.md, config.json of
+    deepseek-ai/DeepSeek-V3): one dense layer, one MoE layer with `experts` routed experts, F8_E4M3
+    weights with F32 128x128 `weight_scale_inv` (cdiv for the partial blocks: kv_a_proj_with_mqa has
+    576 rows), BF16 router, norms, embeddings and lm_head."""
+    hidden, q_lora, kv_lora, rope, nope, v_head, heads, dense_ff, moe_ff, vocab = (
+        7168, 1536, 512, 64, 128, 128, 128, 18432, 2048, 129280)
+    t = [("model.embed_tokens.weight", "BF16", [vocab, hidden]), ("model.norm.weight", "BF16", [hidden]),
+         ("lm_head.weight", "BF16", [vocab, hidden])]
+    for i in range(2):
+        p, a, m = f"model.layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        t += [(f"{p}.input_layernorm.weight", "BF16", [hidden]), (f"{p}.post_attention_layernorm.weight", "BF16", [hidden]),
+              (f"{a}.q_a_layernorm.weight", "BF16", [q_lora]), (f"{a}.kv_a_layernorm.weight", "BF16", [kv_lora])]
+        t += linear(f"{a}.q_a_proj", q_lora, hidden, "fp8_block")
+        t += linear(f"{a}.q_b_proj", heads * (nope + rope), q_lora, "fp8_block")
+        t += linear(f"{a}.kv_a_proj_with_mqa", kv_lora + rope, hidden, "fp8_block")
+        t += linear(f"{a}.kv_b_proj", heads * (nope + v_head), kv_lora, "fp8_block")
+        t += linear(f"{a}.o_proj", hidden, heads * v_head, "fp8_block")
+        mlps = [(m, dense_ff)] if i == 0 else [(f"{m}.shared_experts", moe_ff)] + [
+            (f"{m}.experts.{e}", moe_ff) for e in range(experts)]
+        if i:
+            t += [(f"{m}.gate.weight", "BF16", [256, hidden]), (f"{m}.gate.e_score_correction_bias", "F32", [256])]
+        for q, ff in mlps:
+            t += linear(f"{q}.gate_proj", ff, hidden, "fp8_block") + linear(f"{q}.up_proj", ff, hidden, "fp8_block")
+            t += linear(f"{q}.down_proj", hidden, ff, "fp8_block")
+    return t
+
+
+DEEPSEEK_QUANT = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
