@@ -12,6 +12,7 @@ DESIGN_CODES = {
     *(f"IDX00{i}" for i in range(1, 10)),
     "QNT001", "QNT002", "QNT003", "CFG001", "CFG002", "CFG003",
     "TEN001", "TEN002", "TEN003", "TEN004", "TEN005", "PKL001", "ARC001", "ARC002", "ARC003",
+    *(f"SRV00{i}" for i in range(1, 9)),
 }
 
 
