@@ -107,7 +107,7 @@ def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Seque
             if done:
                 notes.append(done)
                 ckpt = Checkpoint.open(path)
-    # quiet: no progress bar on stderr (deep pass); deep: lets a header rule add its deep half.
-    findings = engine.run(ckpt, rules, {"device": device, "deep": deep, "quiet": quiet}, severity=overrides)
+    # quiet: no progress bar on stderr (deep pass); deep / arch: let a header rule add its deep / meta-build half.
+    findings = engine.run(ckpt, rules, {"device": device, "deep": deep, "arch": arch, "quiet": quiet}, severity=overrides)
     effective = {r.code: replace(r, severity=overrides[r.code]) if r.code in overrides else r for r in rules}
     return Report(str(path), findings, [r.code for r in rules], effective, notes)

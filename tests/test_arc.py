@@ -67,9 +67,17 @@ def test_clean_save_pretrained_has_no_arc_findings(tmp_path_factory, tmp_path, m
     assert r.findings == []
 
 
-def test_arc_rules_off_without_arch(tiny_llama):
-    assert not any(c.startswith("ARC") for c in lint(tiny_llama).rules_run)
-    assert {"ARC001", "ARC002", "ARC003"} <= set(lint(tiny_llama, deep=True).rules_run)
+def test_arc_rules_run_by_default_and_build_the_model_only_with_arch(tmp_path_factory, tmp_path):
+    # the header half runs on every lint (tests/test_arc_header.py); --arch / --deep add the build,
+    # whose message names the model class
+    d = model_copy(tmp_path_factory, tmp_path, "llama")
+    name = "model.layers.1.mlp.down_proj.weight"
+    edit_shard(d, "model.safetensors", lambda t: t.pop(name))
+    for kw in ({}, {"arch": True}, {"deep": True}):
+        r = lint(d, select=["ARC"], **kw)
+        assert {"ARC001", "ARC002", "ARC003"} <= set(r.rules_run)
+        assert [(f.code, f.tensor) for f in r.findings] == [("ARC002", name)]
+        assert ("LlamaForCausalLM" in r.findings[0].message) == bool(kw)
 
 
 def test_arc001_extra_tensor_in_shard_and_index(tmp_path_factory, tmp_path):
@@ -95,7 +103,6 @@ def test_arc001_fixed_by_dropping_the_tensor_from_shard_and_index(tmp_path_facto
     fname = shard_of(d, "model.layers.1.mlp.up_proj.weight")
     name = "model.layers.1.mlp.extra_proj.weight"
     edit_shard(d, fname, lambda t: t.__setitem__(name, torch.zeros(4, 32, dtype=torch.bfloat16)))
-    assert fqcheck.fix(d, select=["ARC"], backup=False).applied == []  # ARC runs only with --arch
     res = fqcheck.fix(d, select=["ARC"], arch=True, backup=False)
     assert [(f.code, f.tensor) for f in res.applied] == [("ARC001", name)] and res.ok
     assert read_index(d) == index

@@ -279,29 +279,81 @@ def _shape(s: tuple) -> str:
     return "[" + ", ".join(map(str, s)) + "]"
 
 
+def _meta(options: dict) -> bool:
+    return bool(options.get("arch") or options.get("deep"))
+
+
+def _header_half(ckpt: Checkpoint):
+    """The header-only comparison (fqcheck.checks.arc_layers); every lint runs it."""
+    from .arc_layers import analyse
+    cfg = ckpt.config.data if ckpt.config is not None and isinstance(ckpt.config.data, dict) else None
+    layout = quant_layout(ckpt, cfg) if cfg is not None else None
+    return analyse(ckpt, cfg, packed=bool(layout and layout[1]), quantized=layout is not None)
+
+
+_HEADER: "weakref.WeakKeyDictionary[Checkpoint, object]" = weakref.WeakKeyDictionary()
+
+
+def header_findings(ckpt: Checkpoint):
+    """Computed once per Checkpoint; the three ARC checks share it."""
+    f = _HEADER.get(ckpt)
+    if f is None:
+        f = _HEADER[ckpt] = _header_half(ckpt)
+    return f
+
+
+def _in_file(ckpt: Checkpoint, tensor: str) -> str | None:
+    hit = ckpt.tensor(tensor)
+    return hit[0] if hit else None
+
+
 @check("ARC001")
-def unexpected_tensors(ckpt: Checkpoint) -> Iterator[Hit]:
-    c = compare(ckpt)
-    if c.not_checkable:
-        yield Hit(f"architecture not checkable: {c.not_checkable}", file=CONFIG_NAME,
-                  severity="info", fixable="no")
+def unexpected_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+    c = compare(ckpt) if _meta(options) else None
+    if c is None or c.not_checkable:
+        if c is not None:
+            yield Hit(f"architecture not checkable: {c.not_checkable}; the header-only comparison of the "
+                      "layers ran instead", file=CONFIG_NAME, severity="info", fixable="no")
+        for tensor, why, fixable in header_findings(ckpt).unexpected:
+            fname = _in_file(ckpt, tensor)
+            yield Hit(f"{tensor} is unexpected: {why}. {UNEXPECTED_EFFECT}", file=fname, tensor=tensor,
+                      fixable=fixable, fix=DropTensor(fname, tensor) if fname else None)
         return
     for fname, tensor in c.unexpected:
-        yield Hit(f"{tensor} is not a tensor of {c.model_class}: loaders report it as unexpected",
-                  file=fname, tensor=tensor, fix=DropTensor(fname, tensor))
+        yield Hit(f"{tensor} is not a tensor of {c.model_class}. {UNEXPECTED_EFFECT}",
+                  file=fname, tensor=tensor, fix=DropTensor(fname, tensor) if fname else None,
+                  fixable=None if fname else "no")
 
 
 @check("ARC002")
-def missing_tensors(ckpt: Checkpoint) -> Iterator[Hit]:
-    c = compare(ckpt)
+def missing_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+    c = compare(ckpt) if _meta(options) else None
+    if c is None or c.not_checkable:
+        for tensor, why in header_findings(ckpt).missing:
+            yield Hit(f"{tensor} is missing: {why}. {MISSING_EFFECT}", tensor=tensor)
+        return
     for tensor, shape in c.missing:
-        yield Hit(f"{tensor} (expected shape {_shape(shape)}) is missing: {c.model_class} needs it",
-                  tensor=tensor)
+        yield Hit(f"{tensor} (expected shape {_shape(shape)}) is missing: {c.model_class} needs it. "
+                  f"{MISSING_EFFECT}", tensor=tensor)
 
 
 @check("ARC003")
-def mismatched_shapes(ckpt: Checkpoint) -> Iterator[Hit]:
-    c = compare(ckpt)
+def mismatched_shapes(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+    c = compare(ckpt) if _meta(options) else None
+    if c is None or c.not_checkable:
+        for tensor, found, expected, why in header_findings(ckpt).mismatched:
+            yield Hit(f"{tensor} has shape {_shape(found)}, expected {_shape(expected)}: {why}. {SHAPE_EFFECT}",
+                      file=_in_file(ckpt, tensor), tensor=tensor)
+        return
     for fname, tensor, expected, found in c.mismatched:
-        yield Hit(f"{tensor} has shape {_shape(found)}, {c.model_class} expects {_shape(expected)}",
-                  file=fname, tensor=tensor)
+        yield Hit(f"{tensor} has shape {_shape(found)}, {c.model_class} expects {_shape(expected)}. "
+                  f"{SHAPE_EFFECT}", file=fname, tensor=tensor)
+
+
+# What loaders do, measured with vLLM 0.32.0 (CPU build) and transformers 5: see conformance/.
+UNEXPECTED_EFFECT = ("vLLM 0.32 refuses to load (ValueError: There is no module or parameter named ...); "
+                     "transformers 5 drops it as an unexpected key")
+MISSING_EFFECT = ("vLLM 0.32 loads without it, silently, and serves garbage; transformers 5 initialises it "
+                  "randomly (missing key)")
+SHAPE_EFFECT = ("vLLM 0.32's weight loader fails (e.g. RuntimeError: start (0) + length (N) exceeds "
+                "dimension size (M)); transformers 5 reports a size mismatch")
