@@ -118,7 +118,7 @@ def test_arc002_tensor_removed(tmp_path_factory, tmp_path):
     name = "model.layers.1.mlp.down_proj.weight"
     edit_shard(d, shard_of(d, name), lambda t: t.pop(name))
     r = arc(d)
-    assert found(r) == [("ARC002", None, name)]
+    assert found(r) == [("ARC002", "config.json", name)]
     assert "expected shape [32, 64]" in r.findings[0].message
     assert r.findings[0].fixable == "no"
 
@@ -128,7 +128,7 @@ def test_arc002_expert_removed_named_as_saved(tmp_path_factory, tmp_path):
     d = model_copy(tmp_path_factory, tmp_path, "qwen3_moe", **MOE)
     name = "model.layers.0.mlp.experts.2.up_proj.weight"
     edit_shard(d, "model.safetensors", lambda t: t.pop(name))
-    assert found(arc(d)) == [("ARC002", None, name)]
+    assert found(arc(d)) == [("ARC002", "config.json", name)]
 
 
 def test_arc001_expert_beyond_num_experts(tmp_path_factory, tmp_path):
@@ -356,3 +356,36 @@ def test_deepseek_v3_671b_layout_on_the_meta_device(tmp_path):
         f.write(len(hb).to_bytes(8, "little") + hb)
         f.truncate(8 + len(hb) + offset)  # sparse: ~690 GB claimed, nothing written
     assert found(arc(tmp_path)) == []
+
+
+def _bin_checkpoint(factory, tmp_path, drop: str | None = None) -> Path:
+    """A plain torch.save(state_dict) checkpoint (pytorch_model.bin + config.json), as older exports write."""
+    src = model_copy(factory, tmp_path, "llama")
+    d = tmp_path / "bin"
+    d.mkdir()
+    state = load_shard(src / "model.safetensors")
+    state.pop(drop, None)
+    torch.save(state, d / "pytorch_model.bin")
+    shutil.copy(src / "config.json", d / "config.json")
+    return d
+
+
+def test_pytorch_model_bin_checked_by_its_state_dict_shapes(tmp_path_factory, tmp_path):
+    from transformers import AutoModelForCausalLM
+    d = _bin_checkpoint(tmp_path_factory, tmp_path)
+    _, info = AutoModelForCausalLM.from_pretrained(d, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # transformers loads it as it is
+    assert lint(d, arch=True).findings == [] and lint(d, deep=True, select=["ARC"]).findings == []
+
+
+def test_pytorch_model_bin_missing_tensor_and_fix_refusal_names_files(tmp_path_factory, tmp_path):
+    import fqcheck
+    from fqcheck.fix.plan import FixRefused
+    name = "model.layers.1.mlp.up_proj.weight"
+    d = _bin_checkpoint(tmp_path_factory, tmp_path, drop=name)
+    assert found(arc(d)) == [("ARC002", "config.json", name)]
+    before = (d / "pytorch_model.bin").read_bytes()
+    with pytest.raises(FixRefused) as e:
+        fqcheck.fix(d, arch=True, backup=False)
+    assert f"config.json:{name}" in str(e.value) and " :" not in str(e.value)
+    assert (d / "pytorch_model.bin").read_bytes() == before

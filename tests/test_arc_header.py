@@ -59,7 +59,7 @@ def test_missing_weight_found_by_default(bases, tmp_path):
     d = copy(bases, tmp_path, "llama")
     edit(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
     found, r = arc(d)
-    assert found == [("ARC002", None, "model.layers.1.mlp.down_proj.weight")]
+    assert found == [("ARC002", "config.json", "model.layers.1.mlp.down_proj.weight")]
     assert "vLLM 0.32 loads without it" in r.findings[0].message
 
 
@@ -100,7 +100,7 @@ def test_moe_missing_expert_and_extra_module(bases, tmp_path):
         t[extra] = torch.zeros(4, dtype=torch.bfloat16)
     edit(d, damage)
     found, r = arc(d)
-    assert found == [("ARC002", None, gone), ("ARC001", "model.safetensors", extra)]
+    assert found == [("ARC002", "config.json", gone), ("ARC001", "model.safetensors", extra)]
     # a generic (not config-derived) guess: dropping needs --unsafe-fixes
     assert [f.fixable for f in r.findings if f.code == "ARC001"] == ["unsafe"]
 
@@ -118,7 +118,7 @@ def test_absurd_layer_count_is_one_finding_and_cheap(bases, tmp_path):
     cfg["num_hidden_layers"] = 250000
     write_config(d, cfg)
     found, r = arc(d)
-    assert found == [("ARC002", None, "model.layers.2")]
+    assert found == [("ARC002", "config.json", "model.layers.2")]
     assert "249998 of the 250000 layers config.json declares" in r.findings[0].message
 
 

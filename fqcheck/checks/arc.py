@@ -218,9 +218,7 @@ def _compare(ckpt: Checkpoint) -> Comparison:
 
     stored: set[str] = set()  # checkpoint keys in the saved layout
     direct: set[str] = set()  # model keys the checkpoint stores as such (no merge needed)
-    for tensor, files in sorted(ckpt.tensor_files.items()):
-        fname = files[0]
-        found = tuple(ckpt.headers()[fname].tensors[tensor].shape)
+    for tensor, (fname, found) in sorted(stored_tensors(ckpt).items()):
         if is_quantizer_state(tensor):
             continue  # QNT001's
         if tensor in saved or tensor in model_shapes:  # the common case: no renaming to look up
@@ -257,6 +255,36 @@ def _compare(ckpt: Checkpoint) -> Comparison:
         if mkey in direct or (ign_missing and (ign_missing.search(key) or ign_missing.search(mkey))):
             continue
         out.missing.append((key, shape))
+    return out
+
+
+def stored_tensors(ckpt: Checkpoint) -> dict[str, tuple[str, tuple]]:
+    """{tensor: (file, shape)}: the safetensors headers', or, for a checkpoint of torch.save'd state
+    dicts (pytorch_model*.bin) and no safetensors, the state dicts' own, read by
+    torch.load(weights_only=True, mmap=True, map_location="meta"): shapes only, no data read."""
+    if ckpt.safetensors_names:
+        return {t: (files[0], tuple(ckpt.headers()[files[0]].tensors[t].shape))
+                for t, files in ckpt.tensor_files.items()}
+    bins = [n for n in ckpt.pickle_names if n.startswith("pytorch_model") and n.endswith(".bin")]
+    if not bins:
+        return {}
+    import torch
+
+    from ..checkpoint.pickle_scan import scan_cached
+    out: dict[str, tuple[str, tuple]] = {}
+    for name in bins:
+        refusal = scan_cached(ckpt, name).weights_only_refusal()
+        if refusal:
+            raise _NotCheckable(f"{name} does not load with weights_only=True ({refusal})")
+        try:
+            state = torch.load(ckpt.path(name), weights_only=True, mmap=True, map_location="meta")
+        except Exception as e:  # noqa: BLE001 - e.g. the legacy (non-zip) format, which mmap cannot map
+            raise _NotCheckable(f"{name}: {_one_line(e)}") from None
+        if not isinstance(state, dict):
+            raise _NotCheckable(f"{name} holds a {type(state).__name__}, not a state dict")
+        for k, v in state.items():
+            if isinstance(k, str) and isinstance(v, torch.Tensor):
+                out.setdefault(k, (name, tuple(v.shape)))
     return out
 
 
@@ -330,11 +358,11 @@ def missing_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
     c = compare(ckpt) if _meta(options) else None
     if c is None or c.not_checkable:
         for tensor, why in header_findings(ckpt).missing:
-            yield Hit(f"{tensor} is missing: {why}. {MISSING_EFFECT}", tensor=tensor)
+            yield Hit(f"{tensor} is missing: {why}. {MISSING_EFFECT}", file=CONFIG_NAME, tensor=tensor)
         return
     for tensor, shape in c.missing:
         yield Hit(f"{tensor} (expected shape {_shape(shape)}) is missing: {c.model_class} needs it. "
-                  f"{MISSING_EFFECT}", tensor=tensor)
+                  f"{MISSING_EFFECT}", file=CONFIG_NAME, tensor=tensor)
 
 
 @check("ARC003")
