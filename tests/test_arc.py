@@ -389,3 +389,19 @@ def test_pytorch_model_bin_missing_tensor_and_fix_refusal_names_files(tmp_path_f
         fqcheck.fix(d, arch=True, backup=False)
     assert f"config.json:{name}" in str(e.value) and " :" not in str(e.value)
     assert (d / "pytorch_model.bin").read_bytes() == before
+
+
+def test_absurd_layer_count_is_not_built_and_reported(tmp_path_factory, tmp_path):
+    # a 200-byte config.json with num_hidden_layers 250000 once drove --arch to 11.7 GB and MemoryError
+    import time
+    d = model_copy(tmp_path_factory, tmp_path, "llama")
+    cfg = read_config(d)
+    cfg["num_hidden_layers"] = 250000
+    write_config(d, cfg)
+    t = time.perf_counter()
+    r = lint(d, arch=True, select=["ARC"])
+    assert time.perf_counter() - t < 10
+    assert [(f.code, f.severity, f.file) for f in r.findings] == [
+        ("ARC002", "error", "config.json"), ("ARC001", "info", "config.json")]
+    assert "249998 of the 250000 layers config.json declares" in r.findings[0].message
+    assert "num_hidden_layers=250000" in r.findings[1].message and "not built" in r.findings[1].message

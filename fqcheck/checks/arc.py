@@ -179,8 +179,39 @@ def _saved_layout(model, state: dict) -> dict:
         return {k: tuple(v.shape) for k, v in state.items()}
 
 
+# A config is untrusted too: the meta build costs memory and time per module, so the counts that
+# multiply modules may not exceed what the checkpoint stores by more than this (or an MTP layer).
+MAX_EXTRA_LAYERS = 16
+MAX_EXPERTS_UNBACKED = 1024
+_INDEXED = re.compile(r"(?:^|\.)(layers|h|blocks|experts)\.(\d+)\.")
+
+
+def check_build_cost(cfg: dict, stored) -> None:
+    """Refuse to build a model whose layer or expert count the stored tensors do not back (a 200-byte
+    config.json declaring 250000 layers made transformers allocate 11.7 GB): the header half then
+    reports the layers that are missing."""
+    top = {"layers": -1, "experts": -1}
+    for name in stored:
+        for kind, idx in _INDEXED.findall(name):
+            kind = "experts" if kind == "experts" else "layers"
+            if int(idx) > top[kind]:
+                top[kind] = int(idx)
+    layers = cfg.get("num_hidden_layers")
+    if isinstance(layers, int) and layers > 2 * (top["layers"] + 1) + MAX_EXTRA_LAYERS:
+        raise _NotCheckable(f"config.json declares num_hidden_layers={layers} and the checkpoint stores "
+                            f"{top['layers'] + 1} layers: the model is not built (its cost grows with the layers)")
+    from .arc_layers import EXPERT_KEYS
+    for key in EXPERT_KEYS:
+        n = cfg.get(key)
+        if isinstance(n, int) and n > max(MAX_EXPERTS_UNBACKED, 2 * (top["experts"] + 1)):
+            raise _NotCheckable(f"config.json declares {key}={n} and the checkpoint stores "
+                                f"{top['experts'] + 1} experts a layer: the model is not built")
+
+
 def _compare(ckpt: Checkpoint) -> Comparison:
     cfg = _config(ckpt)
+    stored_all = stored_tensors(ckpt)
+    check_build_cost(cfg, stored_all)
     model = build_meta_model(cfg)
     out = Comparison(model_class=type(model).__name__)
 
@@ -218,7 +249,7 @@ def _compare(ckpt: Checkpoint) -> Comparison:
 
     stored: set[str] = set()  # checkpoint keys in the saved layout
     direct: set[str] = set()  # model keys the checkpoint stores as such (no merge needed)
-    for tensor, (fname, found) in sorted(stored_tensors(ckpt).items()):
+    for tensor, (fname, found) in sorted(stored_all.items()):
         if is_quantizer_state(tensor):
             continue  # QNT001's
         if tensor in saved or tensor in model_shapes:  # the common case: no renaming to look up
