@@ -120,8 +120,9 @@ def run(ckpt: Checkpoint, rules: list[Rule], options: Options | None = None) -> 
 
 def _run(ckpt: Checkpoint, rules: list[Rule], options: Options) -> list[Finding]:
     _import_checks()
-    kwargs = {"device": options.device, "deep": options.deep, "quiet": options.quiet,
-              "quant_format": options.quant_format}
+    # deep / arch let a header rule add its deep or meta-build half
+    kwargs = {"device": options.device, "deep": options.deep, "arch": options.arch or options.deep,
+              "quiet": options.quiet, "quant_format": options.quant_format}
     severity = options.severity
     findings: list[Finding] = []
     for rule in rules:

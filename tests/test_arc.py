@@ -67,9 +67,17 @@ def test_clean_save_pretrained_has_no_arc_findings(tmp_path_factory, tmp_path, m
     assert r.findings == []
 
 
-def test_arc_rules_off_without_arch(tiny_llama):
-    assert not any(c.startswith("ARC") for c in lint(tiny_llama).rules_run)
-    assert {"ARC001", "ARC002", "ARC003"} <= set(lint(tiny_llama, deep=True).rules_run)
+def test_arc_rules_run_by_default_and_build_the_model_only_with_arch(tmp_path_factory, tmp_path):
+    # the header half runs on every lint (tests/test_arc_header.py); --arch / --deep add the build,
+    # whose message names the model class
+    d = model_copy(tmp_path_factory, tmp_path, "llama")
+    name = "model.layers.1.mlp.down_proj.weight"
+    edit_shard(d, "model.safetensors", lambda t: t.pop(name))
+    for kw in ({}, {"arch": True}, {"deep": True}):
+        r = lint(d, select=["ARC"], **kw)
+        assert {"ARC001", "ARC002", "ARC003"} <= set(r.rules_run)
+        assert [(f.code, f.tensor) for f in r.findings] == [("ARC002", name)]
+        assert ("LlamaForCausalLM" in r.findings[0].message) == bool(kw)
 
 
 def test_arc001_extra_tensor_in_shard_and_index(tmp_path_factory, tmp_path):
@@ -95,7 +103,6 @@ def test_arc001_fixed_by_dropping_the_tensor_from_shard_and_index(tmp_path_facto
     fname = shard_of(d, "model.layers.1.mlp.up_proj.weight")
     name = "model.layers.1.mlp.extra_proj.weight"
     edit_shard(d, fname, lambda t: t.__setitem__(name, torch.zeros(4, 32, dtype=torch.bfloat16)))
-    assert fqcheck.fix(d, select=["ARC"], backup=False).applied == []  # ARC runs only with --arch
     res = fqcheck.fix(d, select=["ARC"], arch=True, backup=False)
     assert [(f.code, f.tensor) for f in res.applied] == [("ARC001", name)] and res.ok
     assert read_index(d) == index
@@ -111,7 +118,7 @@ def test_arc002_tensor_removed(tmp_path_factory, tmp_path):
     name = "model.layers.1.mlp.down_proj.weight"
     edit_shard(d, shard_of(d, name), lambda t: t.pop(name))
     r = arc(d)
-    assert found(r) == [("ARC002", None, name)]
+    assert found(r) == [("ARC002", "config.json", name)]
     assert "expected shape [32, 64]" in r.findings[0].message
     assert r.findings[0].fixable == "no"
 
@@ -121,7 +128,7 @@ def test_arc002_expert_removed_named_as_saved(tmp_path_factory, tmp_path):
     d = model_copy(tmp_path_factory, tmp_path, "qwen3_moe", **MOE)
     name = "model.layers.0.mlp.experts.2.up_proj.weight"
     edit_shard(d, "model.safetensors", lambda t: t.pop(name))
-    assert found(arc(d)) == [("ARC002", None, name)]
+    assert found(arc(d)) == [("ARC002", "config.json", name)]
 
 
 def test_arc001_expert_beyond_num_experts(tmp_path_factory, tmp_path):
@@ -349,3 +356,52 @@ def test_deepseek_v3_671b_layout_on_the_meta_device(tmp_path):
         f.write(len(hb).to_bytes(8, "little") + hb)
         f.truncate(8 + len(hb) + offset)  # sparse: ~690 GB claimed, nothing written
     assert found(arc(tmp_path)) == []
+
+
+def _bin_checkpoint(factory, tmp_path, drop: str | None = None) -> Path:
+    """A plain torch.save(state_dict) checkpoint (pytorch_model.bin + config.json), as older exports write."""
+    src = model_copy(factory, tmp_path, "llama")
+    d = tmp_path / "bin"
+    d.mkdir()
+    state = load_shard(src / "model.safetensors")
+    state.pop(drop, None)
+    torch.save(state, d / "pytorch_model.bin")
+    shutil.copy(src / "config.json", d / "config.json")
+    return d
+
+
+def test_pytorch_model_bin_checked_by_its_state_dict_shapes(tmp_path_factory, tmp_path):
+    from transformers import AutoModelForCausalLM
+    d = _bin_checkpoint(tmp_path_factory, tmp_path)
+    _, info = AutoModelForCausalLM.from_pretrained(d, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # transformers loads it as it is
+    assert lint(d, arch=True).findings == [] and lint(d, deep=True, select=["ARC"]).findings == []
+
+
+def test_pytorch_model_bin_missing_tensor_and_fix_refusal_names_files(tmp_path_factory, tmp_path):
+    import fqcheck
+    from fqcheck.fix.plan import FixRefused
+    name = "model.layers.1.mlp.up_proj.weight"
+    d = _bin_checkpoint(tmp_path_factory, tmp_path, drop=name)
+    assert found(arc(d)) == [("ARC002", "config.json", name)]
+    before = (d / "pytorch_model.bin").read_bytes()
+    with pytest.raises(FixRefused) as e:
+        fqcheck.fix(d, arch=True, backup=False)
+    assert f"config.json:{name}" in str(e.value) and " :" not in str(e.value)
+    assert (d / "pytorch_model.bin").read_bytes() == before
+
+
+def test_absurd_layer_count_is_not_built_and_reported(tmp_path_factory, tmp_path):
+    # a 200-byte config.json with num_hidden_layers 250000 once drove --arch to 11.7 GB and MemoryError
+    import time
+    d = model_copy(tmp_path_factory, tmp_path, "llama")
+    cfg = read_config(d)
+    cfg["num_hidden_layers"] = 250000
+    write_config(d, cfg)
+    t = time.perf_counter()
+    r = lint(d, arch=True, select=["ARC"])
+    assert time.perf_counter() - t < 10
+    assert [(f.code, f.severity, f.file) for f in r.findings] == [
+        ("ARC002", "error", "config.json"), ("ARC001", "info", "config.json")]
+    assert "249998 of the 250000 layers config.json declares" in r.findings[0].message
+    assert "num_hidden_layers=250000" in r.findings[1].message and "not built" in r.findings[1].message

@@ -91,6 +91,13 @@ class SafetensorsHeader:
     def tensors(self) -> dict[str, TensorEntry]:
         return _entries(self.names, *self._columns) if self._columns else {}
 
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Each name's shape, in `names` order, from the columns without building the entries."""
+        if self._columns is None:
+            return [e.shape for e in self.tensors.values()]
+        kinds, ids, _ = self._columns
+        return list(map([k[1] for k in kinds].__getitem__, ids))
+
     def dtype_bytes(self, skip: Iterable[bool] | None = None) -> dict[str, int]:
         """Bytes of data per dtype (each dtype with an entry counted), from the entries' byte ranges,
         leaving out the entries `skip` marks (one bool per name, in `names` order). At C speed on

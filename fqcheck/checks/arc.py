@@ -179,8 +179,39 @@ def _saved_layout(model, state: dict) -> dict:
         return {k: tuple(v.shape) for k, v in state.items()}
 
 
+# A config is untrusted too: the meta build costs memory and time per module, so the counts that
+# multiply modules may not exceed what the checkpoint stores by more than this (or an MTP layer).
+MAX_EXTRA_LAYERS = 16
+MAX_EXPERTS_UNBACKED = 1024
+_INDEXED = re.compile(r"(?:^|\.)(layers|h|blocks|experts)\.(\d+)\.")
+
+
+def check_build_cost(cfg: dict, stored) -> None:
+    """Refuse to build a model whose layer or expert count the stored tensors do not back (a 200-byte
+    config.json declaring 250000 layers made transformers allocate 11.7 GB): the header half then
+    reports the layers that are missing."""
+    top = {"layers": -1, "experts": -1}
+    for name in stored:
+        for kind, idx in _INDEXED.findall(name):
+            kind = "experts" if kind == "experts" else "layers"
+            if int(idx) > top[kind]:
+                top[kind] = int(idx)
+    layers = cfg.get("num_hidden_layers")
+    if isinstance(layers, int) and layers > 2 * (top["layers"] + 1) + MAX_EXTRA_LAYERS:
+        raise _NotCheckable(f"config.json declares num_hidden_layers={layers} and the checkpoint stores "
+                            f"{top['layers'] + 1} layers: the model is not built (its cost grows with the layers)")
+    from .arc_layers import EXPERT_KEYS
+    for key in EXPERT_KEYS:
+        n = cfg.get(key)
+        if isinstance(n, int) and n > max(MAX_EXPERTS_UNBACKED, 2 * (top["experts"] + 1)):
+            raise _NotCheckable(f"config.json declares {key}={n} and the checkpoint stores "
+                                f"{top['experts'] + 1} experts a layer: the model is not built")
+
+
 def _compare(ckpt: Checkpoint) -> Comparison:
     cfg = _config(ckpt)
+    stored_all = stored_tensors(ckpt)
+    check_build_cost(cfg, stored_all)
     model = build_meta_model(cfg)
     out = Comparison(model_class=type(model).__name__)
 
@@ -218,9 +249,7 @@ def _compare(ckpt: Checkpoint) -> Comparison:
 
     stored: set[str] = set()  # checkpoint keys in the saved layout
     direct: set[str] = set()  # model keys the checkpoint stores as such (no merge needed)
-    for tensor, files in sorted(ckpt.tensor_files.items()):
-        fname = files[0]
-        found = tuple(ckpt.headers()[fname].tensors[tensor].shape)
+    for tensor, (fname, found) in sorted(stored_all.items()):
         if is_quantizer_state(tensor):
             continue  # QNT001's
         if tensor in saved or tensor in model_shapes:  # the common case: no renaming to look up
@@ -260,6 +289,36 @@ def _compare(ckpt: Checkpoint) -> Comparison:
     return out
 
 
+def stored_tensors(ckpt: Checkpoint) -> dict[str, tuple[str, tuple]]:
+    """{tensor: (file, shape)}: the safetensors headers', or, for a checkpoint of torch.save'd state
+    dicts (pytorch_model*.bin) and no safetensors, the state dicts' own, read by
+    torch.load(weights_only=True, mmap=True, map_location="meta"): shapes only, no data read."""
+    if ckpt.safetensors_names:
+        return {t: (files[0], tuple(ckpt.headers()[files[0]].tensors[t].shape))
+                for t, files in ckpt.tensor_files.items()}
+    bins = [n for n in ckpt.pickle_names if n.startswith("pytorch_model") and n.endswith(".bin")]
+    if not bins:
+        return {}
+    import torch
+
+    from ..checkpoint.pickle_scan import scan_cached
+    out: dict[str, tuple[str, tuple]] = {}
+    for name in bins:
+        refusal = scan_cached(ckpt, name).weights_only_refusal()
+        if refusal:
+            raise _NotCheckable(f"{name} does not load with weights_only=True ({refusal})")
+        try:
+            state = torch.load(ckpt.path(name), weights_only=True, mmap=True, map_location="meta")
+        except Exception as e:  # noqa: BLE001 - e.g. the legacy (non-zip) format, which mmap cannot map
+            raise _NotCheckable(f"{name}: {_one_line(e)}") from None
+        if not isinstance(state, dict):
+            raise _NotCheckable(f"{name} holds a {type(state).__name__}, not a state dict")
+        for k, v in state.items():
+            if isinstance(k, str) and isinstance(v, torch.Tensor):
+                out.setdefault(k, (name, tuple(v.shape)))
+    return out
+
+
 def _may_differ(tensor: str, packed: bool) -> bool:
     return packed and tensor.endswith(".weight")
 
@@ -279,29 +338,81 @@ def _shape(s: tuple) -> str:
     return "[" + ", ".join(map(str, s)) + "]"
 
 
+def _meta(options: dict) -> bool:
+    return bool(options.get("arch") or options.get("deep"))
+
+
+def _header_half(ckpt: Checkpoint):
+    """The header-only comparison (fqcheck.checks.arc_layers); every lint runs it."""
+    from .arc_layers import analyse
+    cfg = ckpt.config.data if ckpt.config is not None and isinstance(ckpt.config.data, dict) else None
+    layout = quant_layout(ckpt, cfg) if cfg is not None else None
+    return analyse(ckpt, cfg, packed=bool(layout and layout[1]), quantized=layout is not None)
+
+
+_HEADER: "weakref.WeakKeyDictionary[Checkpoint, object]" = weakref.WeakKeyDictionary()
+
+
+def header_findings(ckpt: Checkpoint):
+    """Computed once per Checkpoint; the three ARC checks share it."""
+    f = _HEADER.get(ckpt)
+    if f is None:
+        f = _HEADER[ckpt] = _header_half(ckpt)
+    return f
+
+
+def _in_file(ckpt: Checkpoint, tensor: str) -> str | None:
+    hit = ckpt.tensor(tensor)
+    return hit[0] if hit else None
+
+
 @check("ARC001")
-def unexpected_tensors(ckpt: Checkpoint) -> Iterator[Hit]:
-    c = compare(ckpt)
-    if c.not_checkable:
-        yield Hit(f"architecture not checkable: {c.not_checkable}", file=CONFIG_NAME,
-                  severity="info", fixable="no")
+def unexpected_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+    c = compare(ckpt) if _meta(options) else None
+    if c is None or c.not_checkable:
+        if c is not None:
+            yield Hit(f"architecture not checkable: {c.not_checkable}; the header-only comparison of the "
+                      "layers ran instead", file=CONFIG_NAME, severity="info", fixable="no")
+        for tensor, why, fixable in header_findings(ckpt).unexpected:
+            fname = _in_file(ckpt, tensor)
+            yield Hit(f"{tensor} is unexpected: {why}. {UNEXPECTED_EFFECT}", file=fname, tensor=tensor,
+                      fixable=fixable, fix=DropTensor(fname, tensor) if fname else None)
         return
     for fname, tensor in c.unexpected:
-        yield Hit(f"{tensor} is not a tensor of {c.model_class}: loaders report it as unexpected",
-                  file=fname, tensor=tensor, fix=DropTensor(fname, tensor))
+        yield Hit(f"{tensor} is not a tensor of {c.model_class}. {UNEXPECTED_EFFECT}",
+                  file=fname, tensor=tensor, fix=DropTensor(fname, tensor) if fname else None,
+                  fixable=None if fname else "no")
 
 
 @check("ARC002")
-def missing_tensors(ckpt: Checkpoint) -> Iterator[Hit]:
-    c = compare(ckpt)
+def missing_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+    c = compare(ckpt) if _meta(options) else None
+    if c is None or c.not_checkable:
+        for tensor, why in header_findings(ckpt).missing:
+            yield Hit(f"{tensor} is missing: {why}. {MISSING_EFFECT}", file=CONFIG_NAME, tensor=tensor)
+        return
     for tensor, shape in c.missing:
-        yield Hit(f"{tensor} (expected shape {_shape(shape)}) is missing: {c.model_class} needs it",
-                  tensor=tensor)
+        yield Hit(f"{tensor} (expected shape {_shape(shape)}) is missing: {c.model_class} needs it. "
+                  f"{MISSING_EFFECT}", file=CONFIG_NAME, tensor=tensor)
 
 
 @check("ARC003")
-def mismatched_shapes(ckpt: Checkpoint) -> Iterator[Hit]:
-    c = compare(ckpt)
+def mismatched_shapes(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+    c = compare(ckpt) if _meta(options) else None
+    if c is None or c.not_checkable:
+        for tensor, found, expected, why in header_findings(ckpt).mismatched:
+            yield Hit(f"{tensor} has shape {_shape(found)}, expected {_shape(expected)}: {why}. {SHAPE_EFFECT}",
+                      file=_in_file(ckpt, tensor), tensor=tensor)
+        return
     for fname, tensor, expected, found in c.mismatched:
-        yield Hit(f"{tensor} has shape {_shape(found)}, {c.model_class} expects {_shape(expected)}",
-                  file=fname, tensor=tensor)
+        yield Hit(f"{tensor} has shape {_shape(found)}, {c.model_class} expects {_shape(expected)}. "
+                  f"{SHAPE_EFFECT}", file=fname, tensor=tensor)
+
+
+# What loaders do, measured with vLLM 0.32.0 (CPU build) and transformers 5: see conformance/.
+UNEXPECTED_EFFECT = ("vLLM 0.32 refuses to load (ValueError: There is no module or parameter named ...); "
+                     "transformers 5 drops it as an unexpected key")
+MISSING_EFFECT = ("vLLM 0.32 loads without it, silently, and serves garbage; transformers 5 initialises it "
+                  "randomly (missing key)")
+SHAPE_EFFECT = ("vLLM 0.32's weight loader fails (e.g. RuntimeError: start (0) + length (N) exceeds "
+                "dimension size (M)); transformers 5 reports a size mismatch")

@@ -61,8 +61,9 @@ def auto_map(ckpt: Checkpoint) -> Iterator[Hit]:
     missing = sorted({f for f in local if f not in ckpt.names})
     if missing:
         yield Hit(f"auto_map names code file(s) missing from the directory: {', '.join(missing)}; "
-                  f"loading with trust_remote_code fails with OSError: {ckpt.root} does not appear "
-                  f"to have a file named {missing[0]}",
+                  f"with trust_remote_code=True transformers 5 and vLLM 0.32 fail with OSError: {ckpt.root} "
+                  f"does not appear to have a file named {missing[0]}; without it both ignore auto_map "
+                  "and load the built-in class for model_type",
                   file=CONFIG_NAME, severity="error", fixable="safe", fix=fix)
         return
     where = []

@@ -361,9 +361,9 @@ def missing_shard(ckpt: Checkpoint) -> Iterator[Hit]:
         if f in v.missing:
             counts[f] = counts.get(f, 0) + 1
     for f, n in sorted(counts.items()):
-        yield _hit(f"the index maps {_plural(n, 'tensor')} to {f}, which {v.missing[f]}: transformers "
-                    "raises FileNotFoundError, vLLM skips the file and fails with 'Following weights were "
-                    "not initialized from checkpoint'; restore the file (re-download or re-export)", file=f)
+        yield _hit(f"the index maps {_plural(n, 'tensor')} to {f}, which {v.missing[f]}: transformers 5 "
+                    "and vLLM 0.32 raise FileNotFoundError (vLLM: 'Weight files referenced in index but "
+                    "missing'); restore the file (re-download or re-export)", file=f)
 
 
 @check("IDX004")

@@ -66,7 +66,8 @@ def _tied_header(ckpt: Checkpoint) -> Iterator[Hit]:
         if _indexed(ckpt, LM_HEAD):
             return  # its shard is missing: IDX003's finding
         yield Hit(f"config.json has tie_word_embeddings false but no {LM_HEAD} is stored: "
-                  f"transformers leaves lm_head randomly initialised (missing key), vLLM fails to load it",
+                  f"transformers 5 leaves lm_head randomly initialised (missing key); vLLM 0.32 loads without it, "
+                  "silently, and serves garbage (one token repeated)",
                   file=cfg.name, tensor=LM_HEAD)
     elif tie is True and head is not None:
         embed = next((n for n in EMBED_NAMES if ckpt.tensor(n) is not None), None)
@@ -76,8 +77,9 @@ def _tied_header(ckpt: Checkpoint) -> Iterator[Hit]:
         _, e = ckpt.tensor(embed)
         if (h.shape, h.dtype) != (e.shape, e.dtype):
             yield Hit(f"tie_word_embeddings is true but the stored {LM_HEAD} ({h.dtype} {list(h.shape)}) "
-                      f"differs from {embed} ({e.dtype} {list(e.shape)}): loaders tie lm_head to the "
-                      "embedding and silently ignore the stored head", file=hfile, tensor=LM_HEAD)
+                      f"differs from {embed} ({e.dtype} {list(e.shape)}): transformers 5.24 and vLLM 0.32 do not "
+                      "tie them but serve the stored head (with a warning), so config.json misdescribes the "
+                      "model and a loader that ties by the config serves another one", file=hfile, tensor=LM_HEAD)
 
 
 def _indexed(ckpt: Checkpoint, tensor: str) -> bool:
