@@ -7,7 +7,7 @@ import json
 import pytest
 
 import fqcheck
-from producers.headers import H, HEAD_DIM, HEADS, llama_config, model, modelopt_configs, write_checkpoint
+from producers.headers import E, H, HEAD_DIM, HEADS, I, llama_config, model, modelopt_configs, write_checkpoint
 
 MOE_ROUTERS = ("model.layers.0.mlp.gate", "model.layers.1.mlp.gate")
 O = "model.layers.1.self_attn.o_proj"   # not part of a fused layer
@@ -93,6 +93,11 @@ def build(tmp_path, name, *, moe=False, edit=None, cfg_edit=None, shards=1):
     if edit is not None:
         tensors = edit(tensors)
     config, hq = cfg(moe)
+    config.update(hidden_size=kw.get("hidden", H), intermediate_size=kw.get("inter", I),
+                  head_dim=kw.get("head_dim", HEAD_DIM))  # the sizes the layout really has
+    if moe:  # the MoE layout is Qwen3-MoE's: say so, or the architecture check rightly objects
+        config.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=E,
+                      num_experts_per_tok=2, moe_intermediate_size=I, head_dim=HEAD_DIM)
     if cfg_edit is not None:
         cfg_edit(config["quantization_config"])
     return write_checkpoint(tmp_path / "ckpt", tensors, config, hf_quant=hq, shards=shards)
