@@ -1,12 +1,13 @@
 """README's claims that code can check: the custom-rule example works as written, the fix section
-names every fixable rule."""
+names every fixable rule, and TEN002's fix does what it says."""
 import re
 from pathlib import Path
 
 import torch
 from typer.testing import CliRunner
 
-from builders import save_shard
+from builders import load_shard, save_shard, save_tiny_model
+from fixhelp import tensor_bytes
 from fqcheck.api import lint
 from fqcheck.catalog import load_catalog
 from fqcheck.cli import app
@@ -56,3 +57,19 @@ def test_readme_fix_section_names_every_fixable_rule():
     for family, numbers in re.findall(r"\b([A-Z]{3})(\d{3}(?:/\s*\d{3})+)", fix_section):
         named |= {family + n.strip() for n in numbers.split("/")}
     assert [c for c in fixable if c not in named] == []
+
+
+def test_readme_ten002_fix_drops_the_tied_copy_of_the_embedding(tmp_path):
+    # "a stored lm_head.weight byte-identical to the input embedding is dropped when
+    # tie_word_embeddings is true"
+    d = save_tiny_model(tmp_path / "m", tie=True)
+    shard = d / "model.safetensors"
+    tensors = load_shard(shard)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_shard(shard, tensors)
+    r = CliRunner().invoke(app, ["fix", str(d), "--deep", "--select", "TEN002"])
+    assert r.exit_code == 0, r.output
+    after = load_shard(shard)
+    assert sorted(after) == sorted(set(tensors) - {"lm_head.weight"})
+    assert all(tensor_bytes(after[k]) == tensor_bytes(tensors[k]) for k in after)
+    assert lint(d, deep=True, select=["TEN002"]).findings == []
