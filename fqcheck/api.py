@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -78,7 +79,8 @@ def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Seque
     select / ignore: rule codes or prefixes ("QNT", "IDX001"); deep: also read tensor data;
     arch: also build the model from config.json on the meta device; rules_dirs: folders of extra
     declarative rules; device: where deep checks run (auto, cpu, cuda[:N]); quiet: no progress
-    bar; recover: first finish or roll back a fix that was interrupted (journal left in .fqcheck/);
+    bar; recover: report a fix that was interrupted (journal left in .fqcheck/) in `notes` (lint never
+    finishes or undoes it: `fqcheck fix` or `fqcheck restore` do);
     severity_overrides: {"CODE": "error"|"warning"|"info"}, applied to every
     finding of that rule (as `[tool.fqcheck.severity]` does).
 
@@ -95,18 +97,10 @@ def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Seque
     rules = engine.select_rules(catalog, select, ignore, levels_for(deep, arch))
     ckpt = Checkpoint.open(path)
     notes = []
-    # the journal module is imported only when a fix left its folder behind (lint's hot path)
-    if recover and ckpt._only is None and (ckpt.root / BACKUP_DIR).is_dir():
-        from .fix.journal import needs_recovery
-        if needs_recovery(ckpt.root):
-            from .fix.journal import recover_if_needed
-            try:
-                done = recover_if_needed(ckpt.root)
-            except Exception as e:  # noqa: BLE001 - report it, still lint what is there
-                done = f"could not finish an interrupted fix: {e}"
-            if done:
-                notes.append(done)
-                ckpt = Checkpoint.open(path)
+    # lint never writes: an interrupted fix is reported, and what is there is linted
+    if recover and ckpt._only is None and os.path.lexists(ckpt.root / BACKUP_DIR / "journal.json"):
+        notes.append(f"an interrupted fix was found ({BACKUP_DIR}/journal.json); this lint shows the folder as "
+                     f"it is: run `fqcheck fix {path}` to finish it or `fqcheck restore {path}` to roll it back")
     # quiet: no progress bar on stderr (deep pass); deep: lets a header rule add its deep half.
     findings = engine.run(ckpt, rules, {"device": device, "deep": deep, "quiet": quiet}, severity=overrides)
     effective = {r.code: replace(r, severity=overrides[r.code]) if r.code in overrides else r for r in rules}

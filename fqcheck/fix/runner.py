@@ -4,12 +4,17 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..checkpoint import BACKUP_DIR, Checkpoint, CheckpointError
-from .journal import FixError, Lock, Transaction, fsync_dir, recover
+from .durable import create_new, fsync_dir, write_all
+from .journal import FixError
+from .lock import Lock
+from .recovery import pending, recover
+from .transaction import Transaction
 from .plan import FixRefused, Plan, make_plan
 from .shard import write_shard
 
@@ -57,15 +62,15 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
     def relint():
         return lint(path, recover=False, **kw)
 
-    from .journal import needs_recovery
     if dry_run:
-        if needs_recovery(root):
+        if pending(root):
             raise FixError(f"{root}: an interrupted fix is pending; run `fqcheck fix` or `fqcheck lint` "
                            "to finish it before planning")
         report = relint()
         return FixResult(str(path), make_plan(Checkpoint.open(path), report.findings, unsafe_fixes), dry_run=True)
     if output is not None:
-        if needs_recovery(root):  # finish the interrupted fix first: never copy a half-fixed dir
+        _check_output(Path(output), root)
+        if pending(root):  # finish the interrupted fix first: never copy a half-fixed dir
             with Lock(root):
                 recover(root)
         report = relint()
@@ -135,18 +140,24 @@ def _write_new_files(ckpt, plan: Plan, new_file, finish_file, write_file, bar=No
         write_file(name, plan.json_files[name])
 
 
+def _check_output(out: Path, root: Path) -> None:
+    from ..checkpoint import inside
+    if inside(os.path.realpath(out), [os.path.realpath(root)]):
+        raise FixError(f"{out}: --output must be outside the checkpoint folder {root}")
+
+
 def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None) -> list[str]:
     """--output: build the repaired copy in a sibling temp folder, then rename it into place."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FixError(f"{out}: --output must be a new or empty directory")
-    if out.resolve() == ckpt.root.resolve():
-        raise FixError("--output must differ from the checkpoint directory")
-    tmp = out.with_name(f".{out.name}.fqcheck-tmp.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FixError(f"{out}: --output must be a new or empty directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.fqcheck-tmp.", dir=out.parent))
+    except OSError as e:
+        raise FixError(f"{out}: cannot create the output folder: {e.strerror or e}") from e
     try:
         def new_file(name):
-            return os.open(tmp / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644), name
+            return create_new(tmp / name), name
 
         def finish_file(fd):
             os.fsync(fd)
@@ -154,8 +165,10 @@ def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None) -> list[str]:
 
         def write_file(name, data):
             fd, _ = new_file(name)
-            os.write(fd, data)
-            finish_file(fd)
+            try:
+                write_all(fd, data)
+            finally:
+                finish_file(fd)
 
         from .shard import copy_range
         skip = set(plan.files_written()) | set(plan.retire)
@@ -164,17 +177,20 @@ def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None) -> list[str]:
         try:
             _write_new_files(ckpt, plan, new_file, finish_file, write_file, bar)
             for name in copied:
-                with open(ckpt.path(name), "rb") as src:  # follows links: the copy holds real files
+                # follows links into the folder or its cache blobs (the copy holds real files);
+                # a link that leads outside is not in ckpt.names: it is kept as a link below
+                with open(ckpt.path(name), "rb") as src:
                     fd, _ = new_file(name)
                     size = os.fstat(src.fileno()).st_size
                     try:
                         copy_range(src.fileno(), fd, 0, 0, size)
                     finally:
-                        os.fsync(fd)
-                        os.close(fd)
+                        finish_file(fd)
                 if bar:
                     bar.advance(size)
                     bar.file_done()
+            for name, target in sorted(ckpt.outside.items()):
+                os.symlink(target, tmp / name)  # never read: what lies outside stays outside
         finally:
             if bar:
                 bar.stop()
@@ -191,7 +207,7 @@ def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None) -> list[str]:
 
 
 def restore(path: str | os.PathLike) -> tuple[str, list[str]]:
-    from .journal import restore as _restore
+    from .restore import restore as _restore
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{path}: not a directory")
