@@ -8,6 +8,7 @@ import socket
 import time
 from pathlib import Path
 
+from ..checkpoint import BACKUP_DIR
 from .durable import create_new, read_small, write_all
 from .journal import LOCK, FixError, state_dir
 
@@ -43,10 +44,17 @@ def _mtime(p: Path) -> float:
         return 0.0
 
 
+def _rmdir(p: Path) -> None:
+    try:
+        os.rmdir(p)
+    except OSError:
+        pass  # not empty: a backup or journal lives there
+
+
 class Lock:
     def __init__(self, root: Path):
         self.root = root
-        self.path = root / ".fqcheck" / LOCK
+        self.path = root / BACKUP_DIR / LOCK
         self.held = False
 
     def holder(self) -> dict | None:
@@ -89,6 +97,7 @@ class Lock:
                 os.fsync(fd)
             except OSError:
                 os.unlink(self.path)  # e.g. a full disk: an empty lock must not block the next run
+                _rmdir(self.path.parent)
                 raise
             finally:
                 os.close(fd)
@@ -103,10 +112,7 @@ class Lock:
             except FileNotFoundError:
                 pass
             self.held = False
-            try:
-                os.rmdir(self.path.parent)  # leave no trace on a checkpoint that needed nothing
-            except OSError:
-                pass
+            _rmdir(self.path.parent)  # leave no trace on a checkpoint that needed nothing
 
     def __enter__(self) -> "Lock":
         self.acquire()
