@@ -99,8 +99,10 @@ def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Seque
     notes = []
     # lint never writes: an interrupted fix is reported, and what is there is linted
     if recover and ckpt._only is None and os.path.lexists(ckpt.root / BACKUP_DIR / "journal.json"):
+        from .report.escape import printable
+        where = printable(str(path))
         notes.append(f"an interrupted fix was found ({BACKUP_DIR}/journal.json); this lint shows the folder as "
-                     f"it is: run `fqcheck fix {path}` to finish it or `fqcheck restore {path}` to roll it back")
+                     f"it is: run `fqcheck fix {where}` to finish it or `fqcheck restore {where}` to roll it back")
     # quiet: no progress bar on stderr (deep pass); deep: lets a header rule add its deep half.
     findings = engine.run(ckpt, rules, {"device": device, "deep": deep, "quiet": quiet}, severity=overrides)
     effective = {r.code: replace(r, severity=overrides[r.code]) if r.code in overrides else r for r in rules}

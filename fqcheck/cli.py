@@ -17,7 +17,8 @@ EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
 
 def _fail(message: str) -> "typer.Exit":
-    typer.echo(f"fqcheck: {message}", err=True)
+    from .report.escape import printable
+    typer.echo(f"fqcheck: {printable(message)}", err=True)
     return typer.Exit(EXIT_ERROR)
 
 
@@ -124,7 +125,9 @@ def fix(
                       backup=not no_backup, select=_split(select), ignore=_split(ignore), deep=deep, arch=arch,
                       rules_dirs=rules or (), device=device, quiet=quiet)
     except FixRefused as e:
-        typer.echo(f"fqcheck: {e}", err=True)
+        from .report.escape import printable
+        typer.echo("\n".join(f"fqcheck: {printable(line)}" if i == 0 else printable(line)
+                             for i, line in enumerate(str(e).split("\n"))), err=True)
         raise typer.Exit(EXIT_ERROR)
     except (FixError, CheckpointError, CatalogError) as e:
         raise _fail(str(e))
@@ -132,7 +135,10 @@ def fix(
         if os.environ.get("FQCHECK_DEBUG"):
             raise
         raise _fail(f"internal error: {e} (set FQCHECK_DEBUG=1 for a traceback)")
-    echo = typer.echo
+    from .report.escape import printable
+
+    def echo(line: str) -> None:  # plan lines hold file and tensor names from the checkpoint
+        typer.echo(printable(line))
     if res.recovered:
         echo(f"note: {res.recovered}")
     plan = res.plan
@@ -177,7 +183,8 @@ def restore(path: Path = typer.Argument(..., help="Checkpoint directory fixed in
         backup, names = run_restore(path)
     except (FixError, CheckpointError) as e:
         raise _fail(str(e))
-    typer.echo(f"restored {len(names)} file(s) from {backup}: {', '.join(names)}")
+    from .report.escape import printable
+    typer.echo(printable(f"restored {len(names)} file(s) from {backup}: {', '.join(names)}"))
 
 
 def main() -> None:

@@ -11,16 +11,10 @@ from itertools import groupby
 from typing import Callable, Iterator
 
 from ..api import Report
+from .escape import printable as _printable
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 _FIX = {"safe": "[fixable]", "unsafe": "[unsafe fix]"}
-# Tensor names and messages come from untrusted headers: control characters (an ESC sequence
-# could rewrite the terminal) are shown as \xNN, never sent raw.
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c != 9}
-
-
-def _printable(text: str) -> str:
-    return text.translate(_CONTROL)
 
 
 def render(report: Report, *, color: bool = False, quiet: bool = False, statistics: bool = False, **_) -> str:
