@@ -300,3 +300,31 @@ def test_index_mapping_to_a_non_safetensors_file(sharded_llama, target):
     write_index(d, idx)
     hits = [f for f in fqcheck.lint(d).findings if f.code == "IDX003"]
     assert [(f.file, "not a safetensors file" in f.message) for f in hits] == [(target, True)]
+
+
+# ---- lone surrogates (valid JSON escapes / pickle strings, not UTF-8 text) --------------------
+
+def test_lone_surrogates_in_config_and_pickle(tmp_path):
+    import torch
+    from builders import save_shard
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_shard(d / "model.safetensors", {"w": torch.zeros(2)})
+    (d / "config.json").write_text('{"model_type": "llama", "auto_map": {"AutoModel": "mod\\ud800x.X"}, '
+                                   '"k\\udc00": "\\udfff"}')
+    mod = "os\ud800".encode("utf-8", "surrogatepass")  # pickle's BINUNICODE decodes with surrogatepass
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04\x8c" + bytes([len(mod)]) + mod + b"\x8c\x06system\x93.")
+    for fmt in ("text", "github", "junit", "sarif"):
+        out = run_cli("lint", d, "-f", fmt, "-o", tmp_path / f"out.{fmt}")
+        assert out.returncode == 1 and out.stderr == "", out.stderr
+        text = (tmp_path / f"out.{fmt}").read_text(encoding="utf-8")
+        assert "PKL001" in text and "CFG002" in text
+        if fmt == "sarif":
+            text = " ".join(r["message"]["text"] for r in json.loads(text)["runs"][0]["results"])
+        assert "os\\ud800.system" in text and "mod\\ud800x.py" in text
+    out = run_cli("lint", d, "-f", "github")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    before = tree(d)
+    out = run_cli("fix", d, "--ignore", "PKL001")
+    assert out.returncode == 2 and "lone surrogate" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert tree(d) == before

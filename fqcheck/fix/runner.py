@@ -67,7 +67,7 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
             raise FixError(f"{root}: an interrupted fix is pending; run `fqcheck fix` or `fqcheck lint` "
                            "to finish it before planning")
         report = relint()
-        return FixResult(str(path), make_plan(Checkpoint.open(path), report.findings, unsafe_fixes), dry_run=True)
+        return FixResult(str(path), _plan(Checkpoint.open(path), report.findings, unsafe_fixes), dry_run=True)
     if output is not None:
         _check_output(Path(output), root)
         if pending(root):  # finish the interrupted fix first: never copy a half-fixed dir
@@ -75,7 +75,7 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
                 recover(root)
         report = relint()
         ckpt = Checkpoint.open(path)
-        plan = make_plan(ckpt, report.findings, unsafe_fixes)
+        plan = _plan(ckpt, report.findings, unsafe_fixes)
         out = Path(output)
         res = FixResult(str(path), plan, output=str(out))
         res.written = _write_copy(ckpt, plan, out, enabled)
@@ -90,7 +90,7 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
             raise FixError(f"{root}: cannot finish an interrupted fix: {e.strerror or e}") from e
         report = relint()
         ckpt = Checkpoint.open(path)
-        plan = make_plan(ckpt, report.findings, unsafe_fixes)
+        plan = _plan(ckpt, report.findings, unsafe_fixes)
         res = FixResult(str(path), plan, recovered=recovered)
         if not plan.empty:
             tx = Transaction(root, keep=backup)
@@ -114,6 +114,15 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
             res.backup = tx.stash if backup else None
         res.remaining = relint()
         return res
+
+
+def _plan(ckpt, findings, unsafe: bool) -> Plan:
+    try:
+        return make_plan(ckpt, findings, unsafe)
+    except UnicodeEncodeError as e:  # a JSON file holding a lone surrogate ("\\ud800"): not UTF-8 text
+        raise FixRefused(f"refusing to fix: a JSON file to rewrite holds a lone surrogate "
+                         f"({e.object[e.start:e.end]!a}), which cannot be written back as UTF-8; edit it by "
+                         "hand (nothing was changed)") from e
 
 
 def _bar(ckpt, names: Iterable[str], enabled: bool | None):
