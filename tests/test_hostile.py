@@ -328,3 +328,19 @@ def test_lone_surrogates_in_config_and_pickle(tmp_path):
     out = run_cli("fix", d, "--ignore", "PKL001")
     assert out.returncode == 2 and "lone surrogate" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert tree(d) == before
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc", "inside", "same"])
+def test_output_onto_a_bad_path_is_a_one_line_error(tiny_llama, tmp_path, where):
+    d = tiny_llama
+    strip_metadata(d / "model.safetensors")
+    (tmp_path / "plain").write_text("x")
+    out = {"under-a-file": tmp_path / "plain" / "copy", "proc": Path("/proc/self/fqcheck-copy"),
+           "inside": d / "copy", "same": d}[where]
+    before = tree(d)
+    r = run_cli("fix", d, "--output", out)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and str(out) in r.stderr
+    if where in ("inside", "same"):
+        assert "outside the checkpoint" in r.stderr
+    assert tree(d) == before and (tmp_path / "plain").read_text() == "x"

@@ -160,6 +160,9 @@ def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None) -> list[str]:
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FixError(f"{out}: --output must be a new or empty directory")
+        existing = next(p for p in out.parents if p.exists())
+        if not existing.is_dir():
+            raise FixError(f"{out}: cannot create the output folder: {existing} is not a directory")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.fqcheck-tmp.", dir=out.parent))
     except OSError as e:
