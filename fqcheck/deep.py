@@ -44,7 +44,7 @@ FLOAT_BITS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)  # one per tensor: no per-instance __dict__ (a million tiny tensors add up)
 class TensorStats:
     file: str
     name: str

@@ -192,7 +192,7 @@ def test_unsafe_fix_needs_flag(sharded_llama, tmp_path):
 def test_lock_held_by_live_process_refuses(sharded_llama, tmp_path):
     d = sharded_llama
     strip_metadata(sorted(d.glob("*.safetensors"))[0])
-    from fqcheck.fix.journal import Lock
+    from fqcheck.fix.lock import Lock
     holder = Lock(d)
     holder.acquire()  # this process holds it, as a concurrent fix would
     try:
@@ -308,21 +308,21 @@ def test_fix_is_cheap_to_import():
 
 
 def test_failure_during_commit_rolls_back(sharded_llama, tmp_path, monkeypatch):
-    from fqcheck.fix import journal
+    from fqcheck.fix import durable, transaction
     d = sharded_llama
     damage(d)
     before = state(d)
-    real, calls = journal.move, []
+    real, calls = durable.move, []
 
     def flaky(src, dst):
         calls.append(src)
         if len(calls) == 4:  # two files already swapped in, then the disk says no
             raise OSError(28, "No space left on device")
         real(src, dst)
-    monkeypatch.setattr(journal, "move", flaky)
+    monkeypatch.setattr(transaction, "move", flaky)
     with pytest.raises(FixError, match="No space left on device.*rolled back"):
         fix(d, rules_dirs=[leak_rules(tmp_path / "rules")])
-    monkeypatch.setattr(journal, "move", real)
+    monkeypatch.setattr(transaction, "move", real)
     assert state(d) == before
     assert not [n for n in os.listdir(d) if n.startswith(".fqcheck-tmp")]
     assert not (d / BACKUP_DIR).exists()
@@ -356,7 +356,7 @@ def test_failing_producer_rolls_back(tiny_llama):
     t = "model.layers.0.mlp.up_proj.weight"
     findings = [Finding("Y", "error", "refold", "model.safetensors", t, "safe", E.ReplaceTensor("model.safetensors", t, boom))]
     plan = make_plan(ckpt, findings)
-    from fqcheck.fix.journal import Transaction
+    from fqcheck.fix.transaction import Transaction
     from fqcheck.fix.runner import _write_new_files
     tx = Transaction(d)
     with pytest.raises(OSError, match="computing the new data failed: RuntimeError: CUDA error"):

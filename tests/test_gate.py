@@ -163,7 +163,7 @@ def test_hostile_names_are_escaped(tmp_path, monkeypatch):
     log = json.loads(run_cli("lint", ".", "--select", "SFT002", "-f", "sarif").stdout)
     [res] = log["runs"][0]["results"]
     assert res["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "a%2Cb%3Ac.safetensors"
-    assert res["properties"]["tensor"] == "w%\nx"
+    assert res["properties"]["tensor"] == "w%\\x0ax"  # escaped: SARIF viewers show it as text
     assert escape_data("50%\r\n") == "50%25%0D%0A"
     assert escape_property("a:b,c%") == "a%3Ab%2Cc%25"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import msgspec
 
 from .parallel import HeaderPrefetch
-from .safetensors import SafetensorsHeader, TensorEntry, read_header
+from .safetensors import UNREADABLE, Problem, SafetensorsHeader, TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -44,6 +45,7 @@ class Checkpoint:
         self.root = root
         self._only = only
         self._lookups = 0  # calls to tensor()
+        self._outside: dict[str, str] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
@@ -61,20 +63,62 @@ class Checkpoint:
 
     @cached_property
     def names(self) -> list[str]:
-        """Top-level regular files (or links to them), sorted."""
+        """Top-level regular files (or links to them inside the checkpoint), sorted. A link that
+        resolves outside (see `outside`) is not one of them: no rule reads what it points at."""
         if self._only is not None:
             return [self._only]
-        out = []
+        out, links = [], []
         with os.scandir(self.root) as it:
             for e in it:
                 if e.name == BACKUP_DIR:
                     continue
                 try:
                     if e.is_file():  # follows links: a cache snapshot's files are links into blobs/
-                        out.append(e.name)
+                        (links if e.is_symlink() else out).append(e.name)
                 except OSError:
                     continue
+        if links:
+            allowed = self.allowed_roots
+            for n in links:
+                real = os.path.realpath(self.path(n))
+                if inside(real, allowed):
+                    out.append(n)
+                else:
+                    self._outside[n] = real
         return sorted(out)
+
+    @property
+    def outside(self) -> dict[str, str]:
+        """Top-level links (to files) that resolve outside the checkpoint -> their real target.
+        IDX009 reports them; nothing opens them."""
+        self.names  # noqa: B018 - fills _outside
+        return self._outside
+
+    @cached_property
+    def allowed_roots(self) -> list[str]:
+        return allowed_roots(self.root)
+
+    def escape(self, rel: str) -> str | None:
+        """Why `rel` (a path relative to the checkpoint, e.g. an index value) leads outside it,
+        or None (also when it does not exist). Only lstat/readlink: the target is never opened."""
+        if rel.startswith(("/", "\\")) or rel[1:2] == ":":  # a Windows drive, as ntpath.splitdrive sees one
+            return "is an absolute path"
+        parts = re.split(r"[/\\]", rel)
+        if ".." in parts:
+            return "has a '..' component"
+        p = os.path.join(self.root, rel)
+        try:
+            if len(parts) == 1:  # the usual case, a file of the checkpoint folder: one lstat
+                if not stat.S_ISLNK(os.lstat(p).st_mode):
+                    return None
+            elif not os.path.lexists(p):
+                return None
+            real = os.path.realpath(p)
+        except (OSError, ValueError):
+            return None
+        if not inside(real, self.allowed_roots):
+            return f"is a link that resolves to {real}, outside the checkpoint directory"
+        return None
 
     @cached_property
     def safetensors_names(self) -> list[str]:
@@ -102,7 +146,9 @@ class Checkpoint:
         inside the checkpoint (also e.g. a shard the index names in a subfolder)."""
         h = self._header_cache.get(name)
         if h is None:
-            h = self._header_cache[name] = read_header(self.path(name))
+            why = self.escape(name) if self._only is None and (name in self.outside or "/" in name
+                                                               or "\\" in name) else None
+            h = self._header_cache[name] = outside_header(self.path(name), why) if why else read_header(self.path(name))
         return h
 
     def headers(self) -> dict[str, SafetensorsHeader]:
@@ -121,8 +167,7 @@ class Checkpoint:
             self._header_cache.setdefault(n, h)
 
     def _stays_inside(self, name: str) -> bool:
-        p = self.path(name)
-        return not os.path.islink(p) or inside(os.path.realpath(p), allowed_roots(self.root))
+        return name not in self.outside
 
     @cached_property
     def tensor_files(self) -> dict[str, list[str]]:
@@ -160,18 +205,32 @@ class Checkpoint:
         return load_json(self.path(name), name)
 
 
+_CACHE_REPO = re.compile(r"(models|datasets|spaces)--.+")
+
+
 def allowed_roots(root: Path) -> list[str]:
-    """Real paths a shard may resolve into: the checkpoint dir and, for a Hugging Face cache
-    snapshot (models--org--name/snapshots/<rev>/...), that cache repo's blobs/ folder."""
+    """Real paths a file may resolve into: the checkpoint dir and, for a genuine Hugging Face cache
+    snapshot (models--org--name/snapshots/<rev>/...), that cache repo's blobs/ folder: a real
+    directory (not a link) in a folder named as the cache names its repos."""
     real = Path(os.path.realpath(root))
     roots = [str(real)]
     for anc in (real, *real.parents):
-        if anc.parent.name == "snapshots" and "--" in anc.parent.parent.name:
+        if anc.parent.name == "snapshots" and _CACHE_REPO.fullmatch(anc.parent.parent.name):
             blobs = anc.parent.parent / "blobs"
-            if blobs.is_dir():
-                roots.append(os.path.realpath(blobs))
+            try:
+                if stat.S_ISDIR(os.lstat(blobs).st_mode):
+                    roots.append(str(blobs))
+            except OSError:
+                pass
             break
     return roots
+
+
+def outside_header(path: Path, why: str) -> SafetensorsHeader:
+    """The header of a file that is not read because it lies outside the checkpoint."""
+    h = SafetensorsHeader(path, 0)
+    h.problems.append(Problem(UNREADABLE, f"not read: it {why}"))
+    return h
 
 
 def inside(path: str, bases: list[str]) -> bool:

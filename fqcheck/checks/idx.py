@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import islice, repeat
 from operator import eq
-from pathlib import Path
 from typing import Iterator
 
 from ..catalog import schema_path
-from ..checkpoint import INDEX_NAME, Checkpoint, SafetensorsHeader, allowed_roots, inside
+from ..checkpoint import INDEX_NAME, Checkpoint, SafetensorsHeader
 from ..checkpoint import safetensors as st
 from ..engine import Hit, check
 from ..fix.edits import DropTensor, RebuildIndex, RetireFile
@@ -90,7 +88,6 @@ def index_view(ckpt: Checkpoint) -> IndexView:
 
 def _build(ckpt: Checkpoint) -> IndexView:
     v = IndexView()
-    allowed = allowed_roots(ckpt.root)
     idx = ckpt.index
     raw_paths: list[str] = []
     norm: dict[str, str] = {}
@@ -106,7 +103,7 @@ def _build(ckpt: Checkpoint) -> IndexView:
             if isinstance(wm, dict):
                 raw_paths = sorted(good)
                 for raw in raw_paths:  # even in a broken index, an escaping path is reported (IDX009)
-                    why = _escape(ckpt.root, raw, allowed)
+                    why = ckpt.escape(raw)
                     if why:
                         v.escapes[raw] = why  # kept as written: normalizing would hide the '..'
                 # a few hundred distinct files for 100k entries: normalize each once
@@ -127,16 +124,15 @@ def _build(ckpt: Checkpoint) -> IndexView:
         v.members = sorted({norm[s] for s in raw_paths if s not in v.escapes})
     else:
         v.members = list(ckpt.safetensors_names)  # no usable index: loaders glob *.safetensors
-    # A top-level .safetensors link that leads outside is never read either, index or not
-    # (unless the user named that one file to lint: then it is what they asked for).
-    for name in ckpt.safetensors_names if getattr(ckpt, "_only", None) is None else ():
-        if name not in v.escapes and os.path.islink(ckpt.path(name)):
-            why = _escape(ckpt.root, name, allowed)
-            if why:
-                v.escapes[name] = why
+    # A top-level link that leads outside is never read either (the read side leaves it out of
+    # ckpt.names), index or not; reported here.
+    for name, real in ckpt.outside.items():
+        v.escapes.setdefault(name, f"is a link that resolves to {real}, outside the checkpoint directory")
     v.members = sorted(m for m in v.members if m not in v.escapes)
     for name in v.members:
         why = _unreadable_path(os.path.join(ckpt.root, name))
+        if why is None and not name.endswith(".safetensors"):
+            why = NOT_SAFETENSORS  # e.g. config.json or pytorch_model.bin: never parsed as a shard
         if why:
             v.missing[name] = why
         else:
@@ -183,26 +179,7 @@ def _norm(s: str) -> str:
     return os.path.normpath(s)
 
 
-def _escape(root: Path, raw: str, allowed: list[str]) -> str | None:
-    """Why `raw` (relative to root) leads outside the checkpoint, or None. Only lstat/readlink."""
-    if raw.startswith(("/", "\\")) or raw[1:2] == ":":  # a Windows drive, as ntpath.splitdrive sees one
-        return "is an absolute path"
-    parts = re.split(r"[/\\]", raw)
-    if ".." in parts:
-        return "has a '..' component"
-    p = os.path.join(root, raw)
-    try:
-        if len(parts) == 1:  # the usual case, a file of the checkpoint folder: one lstat
-            if not stat.S_ISLNK(os.lstat(p).st_mode):
-                return None
-        elif not os.path.lexists(p):
-            return None  # missing: IDX003's business
-        real = os.path.realpath(p)
-    except (OSError, ValueError):  # missing too
-        return None
-    if not inside(real, allowed):
-        return f"is a link that resolves to {real}, outside the checkpoint directory"
-    return None
+NOT_SAFETENSORS = "is not a safetensors file"
 
 
 def _unreadable_path(p: str) -> str | None:
@@ -361,9 +338,12 @@ def missing_shard(ckpt: Checkpoint) -> Iterator[Hit]:
         if f in v.missing:
             counts[f] = counts.get(f, 0) + 1
     for f, n in sorted(counts.items()):
+        if v.missing[f] == NOT_SAFETENSORS:  # loaders torch.load it, or skip it (`fqcheck explain IDX003`)
+            yield _hit(f"the index maps {_plural(n, 'tensor')} to {f}, which {NOT_SAFETENSORS}; point the "
+                        "entries at the safetensors shards that hold the tensors", file=f)
+            continue
         yield _hit(f"the index maps {_plural(n, 'tensor')} to {f}, which {v.missing[f]}: transformers 5 "
-                    "and vLLM 0.32 raise FileNotFoundError (vLLM: 'Weight files referenced in index but "
-                    "missing'); restore the file (re-download or re-export)", file=f)
+                    "and vLLM 0.32 raise FileNotFoundError; restore the file (re-download or re-export)", file=f)
 
 
 @check("IDX004")
@@ -533,6 +513,6 @@ def escaping_path(ckpt: Checkpoint) -> Iterator[Hit]:
         named = f"the index maps {_plural(n, 'tensor')} to {f}, which" if n else f"{f}"
         yield _hit(f"{named} {why}: loaders join it with the model folder and read whatever it reaches, "
                     "so the checkpoint is not self-contained (copies and uploads lose the file) and a "
-                    "crafted index can make them read any file on the host; fqcheck does not open it. "
-                    "Move the shard into the checkpoint folder and name it by a plain relative path",
-                    file=f)
+                    "crafted index can make them read any file on the host; fqcheck does not open it (no "
+                    f"other rule sees its content). Move the {'shard' if n or f.endswith('.safetensors') else 'file'} "
+                    "into the checkpoint folder and name it by a plain relative path", file=f)

@@ -4,13 +4,18 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..checkpoint import BACKUP_DIR, Checkpoint, CheckpointError
 from ..options import Options
-from .journal import FixError, Lock, Transaction, fsync_dir, recover
+from .durable import create_new, fsync_dir, write_all
+from .journal import FixError
+from .lock import Lock
+from .recovery import pending, recover
+from .transaction import Transaction
 from .plan import FixRefused, Plan, make_plan
 from .shard import write_shard
 
@@ -55,20 +60,20 @@ def run(path: str | os.PathLike, options: Options, *, unsafe_fixes: bool = False
     def relint():
         return lint(path, options)
 
-    from .journal import needs_recovery
     if dry_run:
-        if needs_recovery(root):
-            raise FixError(f"{root}: an interrupted fix is pending; run `fqcheck fix` or `fqcheck lint` "
-                           "to finish it before planning")
+        if pending(root):
+            raise FixError(f"{root}: an interrupted fix is pending; run `fqcheck fix` to finish it (or "
+                           "`fqcheck restore` to roll it back) before planning")
         report = relint()
-        return FixResult(str(path), make_plan(Checkpoint.open(path), report.findings, unsafe_fixes), dry_run=True)
+        return FixResult(str(path), _plan(Checkpoint.open(path), report.findings, unsafe_fixes), dry_run=True)
     if output is not None:
-        if needs_recovery(root):  # finish the interrupted fix first: never copy a half-fixed dir
+        _check_output(Path(output), root)
+        if pending(root):  # finish the interrupted fix first: never copy a half-fixed dir
             with Lock(root):
                 recover(root)
         report = relint()
         ckpt = Checkpoint.open(path)
-        plan = make_plan(ckpt, report.findings, unsafe_fixes)
+        plan = _plan(ckpt, report.findings, unsafe_fixes)
         out = Path(output)
         res = FixResult(str(path), plan, output=str(out))
         res.written = _write_copy(ckpt, plan, out, enabled)
@@ -83,7 +88,7 @@ def run(path: str | os.PathLike, options: Options, *, unsafe_fixes: bool = False
             raise FixError(f"{root}: cannot finish an interrupted fix: {e.strerror or e}") from e
         report = relint()
         ckpt = Checkpoint.open(path)
-        plan = make_plan(ckpt, report.findings, unsafe_fixes)
+        plan = _plan(ckpt, report.findings, unsafe_fixes)
         res = FixResult(str(path), plan, recovered=recovered)
         if not plan.empty:
             tx = Transaction(root, keep=backup)
@@ -107,6 +112,15 @@ def run(path: str | os.PathLike, options: Options, *, unsafe_fixes: bool = False
             res.backup = tx.stash if backup else None
         res.remaining = relint()
         return res
+
+
+def _plan(ckpt, findings, unsafe: bool) -> Plan:
+    try:
+        return make_plan(ckpt, findings, unsafe)
+    except UnicodeEncodeError as e:  # a JSON file holding a lone surrogate ("\\ud800"): not UTF-8 text
+        raise FixRefused(f"refusing to fix: a JSON file to rewrite holds a lone surrogate "
+                         f"({e.object[e.start:e.end]!a}), which cannot be written back as UTF-8; edit it by "
+                         "hand (nothing was changed)") from e
 
 
 def _bar(ckpt, names: Iterable[str], enabled: bool | None):
@@ -133,18 +147,27 @@ def _write_new_files(ckpt, plan: Plan, new_file, finish_file, write_file, bar=No
         write_file(name, plan.json_files[name])
 
 
+def _check_output(out: Path, root: Path) -> None:
+    from ..checkpoint import inside
+    if inside(os.path.realpath(out), [os.path.realpath(root)]):
+        raise FixError(f"{out}: --output must be outside the checkpoint folder {root}")
+
+
 def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None) -> list[str]:
     """--output: build the repaired copy in a sibling temp folder, then rename it into place."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FixError(f"{out}: --output must be a new or empty directory")
-    if out.resolve() == ckpt.root.resolve():
-        raise FixError("--output must differ from the checkpoint directory")
-    tmp = out.with_name(f".{out.name}.fqcheck-tmp.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FixError(f"{out}: --output must be a new or empty directory")
+        existing = next(p for p in out.parents if p.exists())
+        if not existing.is_dir():
+            raise FixError(f"{out}: cannot create the output folder: {existing} is not a directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.fqcheck-tmp.", dir=out.parent))
+    except OSError as e:
+        raise FixError(f"{out}: cannot create the output folder: {e.strerror or e}") from e
     try:
         def new_file(name):
-            return os.open(tmp / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644), name
+            return create_new(tmp / name), name
 
         def finish_file(fd):
             os.fsync(fd)
@@ -152,8 +175,10 @@ def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None) -> list[str]:
 
         def write_file(name, data):
             fd, _ = new_file(name)
-            os.write(fd, data)
-            finish_file(fd)
+            try:
+                write_all(fd, data)
+            finally:
+                finish_file(fd)
 
         from .shard import copy_range
         skip = set(plan.files_written()) | set(plan.retire)
@@ -162,17 +187,20 @@ def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None) -> list[str]:
         try:
             _write_new_files(ckpt, plan, new_file, finish_file, write_file, bar)
             for name in copied:
-                with open(ckpt.path(name), "rb") as src:  # follows links: the copy holds real files
+                # follows links into the folder or its cache blobs (the copy holds real files);
+                # a link that leads outside is not in ckpt.names: it is kept as a link below
+                with open(ckpt.path(name), "rb") as src:
                     fd, _ = new_file(name)
                     size = os.fstat(src.fileno()).st_size
                     try:
                         copy_range(src.fileno(), fd, 0, 0, size)
                     finally:
-                        os.fsync(fd)
-                        os.close(fd)
+                        finish_file(fd)
                 if bar:
                     bar.advance(size)
                     bar.file_done()
+            for name, target in sorted(ckpt.outside.items()):
+                os.symlink(target, tmp / name)  # never read: what lies outside stays outside
         finally:
             if bar:
                 bar.stop()
@@ -189,7 +217,7 @@ def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None) -> list[str]:
 
 
 def restore(path: str | os.PathLike) -> tuple[str, list[str]]:
-    from .journal import restore as _restore
+    from .restore import restore as _restore
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{path}: not a directory")

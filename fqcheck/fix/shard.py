@@ -9,13 +9,14 @@ import struct
 from typing import Callable
 
 from ..checkpoint.safetensors import MAX_HEADER_SIZE, SafetensorsHeader
+from .durable import write_all
 
 CHUNK = 1 << 30        # bytes per copy_file_range/sendfile call
 BUFFER = 8 << 20       # bytes per read in the buffered fallback
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP,
                     errno.EBADF, errno.EPERM}
 _MODES = ("copy_file_range", "sendfile", "buffer")
-_mode = {"m": os.environ.get("FQCHECK_COPY", "copy_file_range")}
+_mode = {"m": os.environ.get("FQCHECK_COPY", "copy_file_range")}  # where each file's copy starts
 
 
 class ShardWriteError(OSError):
@@ -59,15 +60,16 @@ def write_shard(header: SafetensorsHeader, dst_fd: int, drop: set[str],
                 replace: dict[str, Callable[[memoryview], bytes]], metadata) -> int:
     """Write the new file into dst_fd (an empty file); returns its size."""
     head, layout = new_header(header, drop, metadata)
-    _write_all(dst_fd, head, 0)
+    write_all(dst_fd, head, 0)
     base = len(head)
+    mode = [_mode["m"]]  # this file's copy mode: a fallback (EXDEV...) holds for this file only
     with open(header.path, "rb") as src:
         sfd = src.fileno()
         run = None  # [src_off, dst_off, n]: untouched tensors contiguous in both files, copied at once
         for e, new_begin in layout:
             if e.name in replace:
                 if run:
-                    copy_range(sfd, dst_fd, *run)
+                    copy_range(sfd, dst_fd, *run, mode)
                     run = None
                 _write_replaced(header, sfd, dst_fd, e, base + new_begin, replace[e.name])
                 continue
@@ -76,10 +78,10 @@ def write_shard(header: SafetensorsHeader, dst_fd: int, drop: set[str],
                 run[2] += e.nbytes
             else:
                 if run:
-                    copy_range(sfd, dst_fd, *run)
+                    copy_range(sfd, dst_fd, *run, mode)
                 run = [s, d, e.nbytes]
         if run:
-            copy_range(sfd, dst_fd, *run)
+            copy_range(sfd, dst_fd, *run, mode)
     size = base + sum(e.nbytes for e, _ in layout)
     if os.fstat(dst_fd).st_size != size:
         raise ShardWriteError(f"{header.path.name}: wrote {os.fstat(dst_fd).st_size} bytes, expected {size}")
@@ -102,21 +104,17 @@ def _write_replaced(header, sfd, dst_fd, entry, dst_off, producer) -> None:
         raise ShardWriteError(f"{entry.name}: computing the new data failed: {type(e).__name__}: {e}") from e
     if len(new) != entry.nbytes:
         raise ShardWriteError(f"{entry.name}: replacement is {len(new)} bytes, expected {entry.nbytes}")
-    _write_all(dst_fd, new, dst_off)
+    write_all(dst_fd, new, dst_off)
 
 
-def _write_all(fd: int, data, off: int) -> None:
-    mv = memoryview(data).cast("B")
-    while mv:
-        k = os.pwrite(fd, mv, off)
-        mv, off = mv[k:], off + k
-
-
-def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -> None:
+def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int, state: list | None = None) -> None:
     """Copy n bytes in the kernel when it can (copy_file_range, then sendfile), else through a
-    bounded buffer. Errors other than 'not supported here' (ENOSPC, EFBIG, EIO) propagate."""
+    bounded buffer. Errors other than 'not supported here' (ENOSPC, EFBIG, EIO) propagate.
+    state: [mode] shared by the calls for one file; a fallback is decided per file, since another
+    file may sit on a filesystem where the faster call works."""
+    state = state if state is not None else [_mode["m"]]
     while n > 0:
-        mode = _mode["m"]
+        mode = state[0]
         try:
             if mode == "copy_file_range":
                 k = os.copy_file_range(src_fd, dst_fd, min(n, CHUNK), src_off, dst_off)
@@ -126,10 +124,10 @@ def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -> 
             else:
                 buf = os.pread(src_fd, min(n, BUFFER), src_off)
                 k = len(buf)
-                _write_all(dst_fd, buf, dst_off)
+                write_all(dst_fd, buf, dst_off)
         except (OSError, AttributeError) as e:
             if mode != "buffer" and (isinstance(e, AttributeError) or e.errno in _FALLBACK_ERRNOS):
-                _mode["m"] = _MODES[_MODES.index(mode) + 1]
+                state[0] = _MODES[_MODES.index(mode) + 1]
                 continue
             raise
         if k == 0:

@@ -3,14 +3,16 @@ which the runner turns into annotations on the run and the pull request."""
 from __future__ import annotations
 
 from ..api import Report
+from .escape import printable
 from .paths import locator
 
 COMMAND = {"error": "error", "warning": "warning", "info": "notice"}
 
 
 def escape_data(s: str) -> str:
-    """Escape a command's message as @actions/core does."""
-    return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    """Escape a command's message as @actions/core does, after making it one printable line: no
+    name can end the command and start another (`::error ...` injection) or hide in bidi text."""
+    return printable(s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A"))
 
 
 def escape_property(s: str) -> str:

@@ -9,6 +9,7 @@ from itertools import groupby
 
 from ..api import Report
 from ..engine import SEVERITY_RANK
+from .escape import printable
 from .paths import locator
 
 
@@ -17,7 +18,7 @@ _NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def _xml(text: str) -> str:
-    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", printable(text))
 
 
 def _line(locate, f) -> str:

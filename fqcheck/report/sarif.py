@@ -14,6 +14,7 @@ from urllib.parse import quote
 from .. import __version__
 from ..api import Report
 from ..catalog import Rule
+from .escape import printable
 from .paths import base_dir, base_uri, locator
 
 SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -51,20 +52,21 @@ def render(report: Report, **_) -> str:
     seen: dict[str, int] = {}
     results = []
     for f in report.findings:
-        uri = quote(locate(f), safe="/")  # a URI: spaces, '%', ':' and '#' in file names are escaped
+        # a URI: spaces, '%', ':' and '#' in file names are escaped; a non-UTF-8 name as its bytes
+        uri = quote(locate(f), safe="/", errors="surrogateescape")
         if not f.file:  # a finding about the whole checkpoint points at its folder
             uri = "./" if uri == "." else uri + "/"
-        where = f"{f.tensor}: " if f.tensor else ""
-        key = hashlib.sha256(f"{f.code}\0{uri}\0{f.tensor or ''}".encode()).hexdigest()[:16]
+        where = f"{printable(f.tensor)}: " if f.tensor else ""
+        key = hashlib.sha256(f"{f.code}\0{uri}\0{printable(f.tensor or '')}".encode()).hexdigest()[:16]
         seen[key] = seen.get(key, 0) + 1  # same rule, file and tensor twice: keep them apart
         props = {"severity": f.severity, "fixable": f.fixable}
         if f.tensor:
-            props["tensor"] = f.tensor
+            props["tensor"] = printable(f.tensor)
         results.append({
             "ruleId": f.code,
             "ruleIndex": index[f.code],
             "level": LEVEL[f.severity],
-            "message": {"text": f"{where}{f.message}"},
+            "message": {"text": f"{where}{printable(f.message)}"},
             "locations": [{"physicalLocation": {"artifactLocation": {"uri": uri, "uriBaseId": SRCROOT}}}],
             "partialFingerprints": {"primaryLocationLineHash": f"{key}:{seen[key]}"},
             "properties": props,
