@@ -103,7 +103,7 @@ def lint(path: str | Path, options: Options | None = None, **kw) -> Report:
     opts.validate(catalog)
     rules = engine.select_rules(catalog, opts.select, opts.ignore, opts.levels)
     ckpt = Checkpoint.open(path)
-    if ckpt._only is None and not (ckpt.safetensors_names or ckpt.weight_pickles):
+    if ckpt._only is None and not (ckpt.safetensors_names or ckpt.weight_pickles or ckpt.outside):
         raise CheckpointError(f"{path}: no weights here (no .safetensors file and no pickled "
                               "state dict such as pytorch_model.bin)")
     notes = []
