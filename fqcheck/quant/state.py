@@ -30,6 +30,8 @@ from ..checkpoint import STATE_NAME
 LEAK_RE = re.compile(r"^(?P<q>(?:(?P<module>.+)\.)?(?P<attr>\w*quantizers?)(?:\.\d+)*)\.(?P<buf>_\w+)$")
 WEIGHT_Q_RE = re.compile(r"(?:^|\.)(?:\w+_)?weight_quantizers?(?:\.\d+)*$")
 
+FORMAT_UNKNOWN = "format unknown (no quant_cfg or quantizer_state names it)"
+
 ST_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
                    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -73,16 +75,20 @@ class QuantState:
             q = self.quantizers[name] = Quantizer(name)
         return q
 
-    def config_for(self, qname: str) -> tuple[bool | None, dict]:
+    def config_for(self, qname: str) -> tuple[bool | None, dict | list]:
         """(enabled, attributes) for a quantizer from the quant_cfg globs (later entries win; entries
-        restricted to a parent class are skipped: module classes are not in the checkpoint)."""
+        restricted to a parent class are skipped: module classes are not in the checkpoint). A list
+        `cfg` (SequentialQuantizer, e.g. W4A8_AWQ) gives a list of attribute dicts, one per stage."""
         enabled, attrs = None, {}
         for glob, parent, enable, cfg in self.quant_cfg:
             if parent or not fnmatch.fnmatch(qname, glob):
                 continue
             if isinstance(cfg, dict):
-                attrs = {**attrs, **cfg}
+                attrs = {**attrs, **cfg} if isinstance(attrs, dict) else dict(cfg)
                 enabled = bool(cfg.get("enable", True)) if enable is None else bool(enable)
+            elif isinstance(cfg, list):  # a SequentialQuantizer: one attribute dict per stage
+                attrs = [dict(c) for c in cfg]
+                enabled = True if enable is None else bool(enable)
             elif enable is not None:
                 enabled = bool(enable)
         return enabled, attrs
@@ -132,8 +138,11 @@ def _normalize_cfg(quant_cfg) -> list:
     elif isinstance(quant_cfg, (list, tuple)):
         for e in quant_cfg:
             if isinstance(e, dict) and isinstance(e.get("quantizer_name"), str):
+                cfg = e.get("cfg")
+                if isinstance(cfg, (list, tuple)):
+                    cfg = [c for c in cfg if isinstance(c, dict)] or None
                 out.append((e["quantizer_name"], e.get("parent_class"), e.get("enable"),
-                            e.get("cfg") if isinstance(e.get("cfg"), dict) else None))
+                            cfg if isinstance(cfg, (dict, list)) else None))
     return out
 
 
@@ -237,17 +246,22 @@ def load_state(ckpt) -> QuantState:
 
 def weight_spec(state: QuantState, q: Quantizer, weight_shape) -> tuple[object, str | None]:
     """(QuantSpec, None) for an enabled weight quantizer with a usable amax, else (None, why not)."""
+    enabled, attrs = state.config_for(q.name)
+    if enabled is False:
+        return None, "its quantizer is disabled in the quant config"
+    return spec_from_attrs(attrs if isinstance(attrs, dict) else {}, q, weight_shape)
+
+
+def spec_from_attrs(attrs: dict, q: Quantizer, weight_shape) -> tuple[object, str | None]:
+    """(QuantSpec, None) from quant_cfg attributes overlaid by the quantizer's own saved state."""
     from .formats import QuantSpec
     torch = _torch()
-    enabled, attrs = state.config_for(q.name)
     a = dict(attrs)
     a.update({k[1:]: v for k, v in q.attrs.items() if k in ("_num_bits", "_axis", "_block_sizes",
                                                              "_unsigned", "_narrow_range")})
-    if enabled is False:
-        return None, "its quantizer is disabled in the quant config"
     num_bits = a.get("num_bits")
     if num_bits is None:
-        return None, "format unknown (no quant_cfg or quantizer_state names it)"
+        return None, FORMAT_UNKNOWN
     if isinstance(num_bits, list):
         num_bits = tuple(num_bits)
     bs = a.get("block_sizes")
