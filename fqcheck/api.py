@@ -20,6 +20,8 @@ from .engine import SEVERITY_RANK, Finding
 
 __all__ = ["FAIL_ON", "Finding", "Report", "lint"]
 
+QUANT_FORMATS = ("fp8", "int8", "int4", "nvfp4")  # --quant-format (fqcheck.quant.resolve.FORMATS)
+
 
 @dataclass
 class Report:
@@ -72,7 +74,7 @@ def levels_for(deep: bool = False, arch: bool = False) -> tuple[str, ...]:
 def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Sequence[str] | None = None,
          deep: bool = False, arch: bool = False, rules_dirs: Iterable[str | Path] = (),
          device: str = "auto", severity_overrides: Mapping[str, str] | None = None,
-         quiet: bool = False, recover: bool = True) -> Report:
+         quiet: bool = False, recover: bool = True, quant_format: str | None = None) -> Report:
     """Lint a checkpoint directory (or one .safetensors/.bin file).
 
     select / ignore: rule codes or prefixes ("QNT", "IDX001"); deep: also read tensor data;
@@ -80,11 +82,14 @@ def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Seque
     declarative rules; device: where deep checks run (auto, cpu, cuda[:N]); quiet: no progress
     bar; recover: first finish or roll back a fix that was interrupted (journal left in .fqcheck/);
     severity_overrides: {"CODE": "error"|"warning"|"info"}, applied to every
-    finding of that rule (as `[tool.fqcheck.severity]` does).
+    finding of that rule (as `[tool.fqcheck.severity]` does); quant_format: fp8, int8, int4 or
+    nvfp4, the weight-quantizer format when nothing in the checkpoint decides it (QNT002).
 
     Raises CheckpointError for a path that is not a checkpoint, CatalogError for a bad user rule,
     ValueError for an unknown code or severity in severity_overrides.
     """
+    if quant_format is not None and quant_format.lower() not in QUANT_FORMATS:
+        raise ValueError(f"unknown quant_format {quant_format!r}; choose from {', '.join(QUANT_FORMATS)}")
     catalog = load_catalog(tuple(rules_dirs))
     overrides = {c.upper(): s for c, s in (severity_overrides or {}).items()}
     for code, sev in overrides.items():
@@ -108,6 +113,7 @@ def lint(path: str | Path, *, select: Sequence[str] | None = None, ignore: Seque
                 notes.append(done)
                 ckpt = Checkpoint.open(path)
     # quiet: no progress bar on stderr (deep pass); deep: lets a header rule add its deep half.
-    findings = engine.run(ckpt, rules, {"device": device, "deep": deep, "quiet": quiet}, severity=overrides)
+    findings = engine.run(ckpt, rules, {"device": device, "deep": deep, "quiet": quiet, "quant_format": quant_format},
+                          severity=overrides)
     effective = {r.code: replace(r, severity=overrides[r.code]) if r.code in overrides else r for r in rules}
     return Report(str(path), findings, [r.code for r in rules], effective, notes)

@@ -14,6 +14,8 @@ app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_e
                   help="Validate and repair quantized Hugging Face checkpoints before serving.")
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+QUANT_FORMAT_HELP = ("fp8, int8, int4 or nvfp4: the weight-quantizer format when neither the state file, "
+                     "the quantization config nor the folded weights decide it.")
 
 
 def _fail(message: str) -> "typer.Exit":
@@ -50,6 +52,7 @@ def lint(
     config: Optional[Path] = typer.Option(None, "--config", help="Config file (default: fqcheck.toml or "
                                           "pyproject.toml \\[tool.fqcheck], found from the current directory up)."),
     device: str = typer.Option("auto", "--device", help="Where deep checks run: auto, cpu or cuda[:N]."),
+    quant_format: Optional[str] = typer.Option(None, "--quant-format", help=QUANT_FORMAT_HELP),
 ) -> None:
     """Report what is wrong with a checkpoint. Exit 0 clean, 1 findings, 2 usage or internal error."""
     from .gate import lint_command
@@ -57,7 +60,7 @@ def lint(
     raise typer.Exit(lint_command(paths, select=select, ignore=ignore, fmt=fmt, fail_on=fail_on,
                                   exit_zero=exit_zero, deep=deep, arch=arch, rules=rules, output_file=output_file,
                                   statistics=statistics, quiet=quiet, config=config,
-                                  device=device))
+                                  device=device, quant_format=quant_format))
 
 
 @app.command("rules")
@@ -110,6 +113,7 @@ def fix(
     device: str = typer.Option("auto", "--device", help="Where --deep runs: auto, cpu or cuda:N."),
     rules: Optional[List[Path]] = typer.Option(None, "--rules", help="Extra folder of declarative rules."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quant_format: Optional[str] = typer.Option(None, "--quant-format", help=QUANT_FORMAT_HELP),
 ) -> None:
     """Repair what can be repaired, crash-safely. Exit 0 when no error remains, 1 when findings
     remain, 2 when refused (unfixable errors; nothing changed) or on usage/internal errors."""
@@ -122,7 +126,7 @@ def fix(
     try:
         res = run_fix(path, unsafe_fixes=unsafe_fixes, dry_run=dry_run, output=output,
                       backup=not no_backup, select=_split(select), ignore=_split(ignore), deep=deep, arch=arch,
-                      rules_dirs=rules or (), device=device, quiet=quiet)
+                      rules_dirs=rules or (), device=device, quiet=quiet, quant_format=quant_format)
     except FixRefused as e:
         typer.echo(f"fqcheck: {e}", err=True)
         raise typer.Exit(EXIT_ERROR)

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from .api import FAIL_ON, Report, lint
+from .api import FAIL_ON, QUANT_FORMATS, Report, lint
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
@@ -29,7 +29,7 @@ def _split(values) -> list[str]:
 def lint_command(paths: Sequence[Path], *, select=None, ignore=None, fmt: str = "text", fail_on: str | None = None,
                  exit_zero: bool = False, deep: bool | None = None, arch: bool | None = None, rules=None,
                  output_file: Path | None = None, statistics: bool = False, quiet: bool = False,
-                 config: Path | None = None, device: str = "auto") -> int:
+                 config: Path | None = None, device: str = "auto", quant_format: str | None = None) -> int:
     """Run `fqcheck lint`, print or write the report, return the exit code. None means "not given
     on the command line": the config file's value (or the default) applies."""
     from .catalog import CatalogError
@@ -52,7 +52,9 @@ def lint_command(paths: Sequence[Path], *, select=None, ignore=None, fmt: str = 
     bad_device = check_device(device, bool(options.get("deep")))
     if bad_device:
         return _error(bad_device)
-    options.update(device=device, quiet=quiet)
+    if quant_format is not None and quant_format.lower() not in QUANT_FORMATS:
+        return _error(f"unknown --quant-format {quant_format!r}; choose from {', '.join(QUANT_FORMATS)}")
+    options.update(device=device, quiet=quiet, quant_format=quant_format)
     fail_on = fail_on or cfg.fail_on or "error"
     try:
         with _progress(quiet or options.get("deep"), paths):  # deep runs draw their own bar

@@ -31,6 +31,7 @@ LINT_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "quiet": (("--quiet", "-q"), "flag"),
     "config": (("--config",), "value"),
     "device": (("--device",), "value"),
+    "quant_format": (("--quant-format",), "value"),
 }
 _DEFAULTS = {"fmt": "text", "device": "auto"}
 _PATH_OPTIONS = {"rules", "output_file", "config"}

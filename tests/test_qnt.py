@@ -15,17 +15,20 @@ def codes(report, code=None):
 
 
 def test_qnt001_leaked_amax(tiny_llama):
-    added = leak_quantizer_state(tiny_llama)
+    added = leak_quantizer_state(tiny_llama, quantizers=("input_quantizer", "weight_quantizer"))
     r = lint(tiny_llama)
     assert codes(r) == sorted(("QNT001", "model.safetensors", t) for t in added)
     f = r.findings[0]
     assert (f.severity, f.fixable) == ("error", "safe")
     assert f.fix == DropTensor("model.safetensors", f.tensor)
-    assert "KeyError" in f.message
+    assert f.message == f"quantizer state {f.tensor} leaked into the weights"  # input quantizer: no hint
+    [w] = [f for f in r.findings if f.tensor.endswith("weight_quantizer._amax")]
+    assert w.message.endswith("; model.layers.0.self_attn.q_proj.weight may be left unquantized (check with --deep)")
 
 
 def test_qnt001_sharded_all_buffer_kinds(sharded_llama):
-    leak_quantizer_state(sharded_llama, modules=("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"))
+    leak_quantizer_state(sharded_llama, modules=("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"),
+                         quantizers=("input_quantizer", "weight_quantizer"))
     shard = sorted(sharded_llama.glob("*.safetensors"))[-1]
     t = load_shard(shard)
     extra = {

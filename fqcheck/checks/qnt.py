@@ -24,9 +24,23 @@ def leaked_quantizer_state(ckpt: Checkpoint) -> Iterator[Hit]:
     for fname, h in ckpt.headers().items():
         for t in h.names:
             if "quantizer" in t and LEAK_PATTERN.search(t):  # substring test first: 91k names in ms
-                yield Hit(f"quantizer state {t} leaked into the weights: vLLM's loader raises "
-                          f"KeyError on it and transformers reports an unexpected key",
-                          file=fname, tensor=t, fix=DropTensor(fname, t))
+                weight = weight_of_amax(t)
+                msg = f"quantizer state {t} leaked into the weights"
+                if weight:
+                    msg += f"; {weight} may be left unquantized (check with --deep)"
+                yield Hit(msg, file=fname, tensor=t, fix=DropTensor(fname, t))
+
+
+WEIGHT_AMAX = re.compile(r"^(?:(?P<module>.+)\.)?(?P<attr>(?:\w+_)?weight)_quantizer(?:\.\d+)*\._(?:amax|global_amax)$")
+
+
+def weight_of_amax(tensor: str) -> str | None:
+    """The weight a leaked weight-quantizer amax calibrated (`m.weight_quantizer[.i]._amax` ->
+    `m.weight`), or None for any other quantizer buffer."""
+    m = WEIGHT_AMAX.match(tensor)
+    if not m:
+        return None
+    return f"{m.group('module')}.{m.group('attr')}" if m.group("module") else m.group("attr")
 
 
 @check("QNT003")

@@ -3,6 +3,7 @@ torch is imported only when the check runs (deep lint), never at import."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from ..checkpoint.safetensors import FLOAT_DTYPES
 from ..engine import Hit, check
@@ -47,10 +48,25 @@ def _has_quantizer_state(ckpt) -> bool:
     return STATE_NAME in ckpt.names or "quant_amax.pth" in ckpt.names or next(leaked_tensors(ckpt), None) is not None
 
 
-def weight_hits(ckpt, device_opt: str = "auto", quant_format: str | None = None, only=None):
+def weight_hits(ckpt, device_opt: str = "auto", quant_format: str | None = None):
     """QNT002 hits: weights off their quantizer's grid (with a re-fold), and weights whose leaked
-    amax is evidence of a quantizer but whose format nothing decides (no fix: the evidence stays).
-    `only`: restrict to these weight names (fix reads just the weights whose amax leaked)."""
+    amax is evidence of a quantizer but whose format nothing decides (no fix: the evidence stays)."""
+    for v in verdicts(ckpt, device_opt, quant_format):
+        if v.hit is not None:
+            yield v.hit
+
+
+@dataclass
+class Verdict:
+    weight: str
+    decided: bool          # on the grid, off it (hit carries the re-fold), or not quantized by design
+    why: str = ""          # why it is undecided
+    hit: Hit | None = None
+
+
+def verdicts(ckpt, device_opt: str = "auto", quant_format: str | None = None, only=None):
+    """One Verdict per stored weight that has a weight quantizer. `only`: restrict to these weight
+    names (fix reads just the weights whose amax leaked)."""
     import torch
 
     from ..quant.formats import off_grid_count, resolve_device
@@ -67,28 +83,41 @@ def weight_hits(ckpt, device_opt: str = "auto", quant_format: str | None = None,
             continue  # e.g. a tied lm_head: no stored weight to judge
         fname, entry = loc
         if entry.dtype not in FLOAT_DTYPES or not entry.nbytes:
+            yield Verdict(wname, False, f"stored as {entry.dtype} with {entry.nbytes} bytes")
             continue
         spec, source, why = res.spec(wname, parts, entry.shape)
         leaked = [q for q in parts if q.amax_where and q.amax_where.endswith(".safetensors")]
         if spec is None:
-            if leaked and why and not why.startswith("its quantizer is disabled"):
-                yield Hit(f"{wname}: cannot verify that it is quantized: {why}", file=fname, tensor=wname)
+            if why and why.startswith("its quantizer is disabled"):
+                yield Verdict(wname, True)
+            elif leaked and why:
+                yield Verdict(wname, False, why, Hit(f"{wname}: cannot verify that it is quantized: {why}",
+                                                    file=fname, tensor=wname))
+            else:
+                yield Verdict(wname, False, why or "no amax")
             continue
         w = res.read(wname)
-        if w is None or not bool(torch.isfinite(w).all()):
-            continue  # unreadable shard (SFT rules) or NaN/Inf (TEN003): re-folding would hide it
+        if w is None:
+            yield Verdict(wname, False, "its shard cannot be read safely (see the SFT findings)")
+            continue
+        if not bool(torch.isfinite(w).all()):  # TEN003 reports NaN/Inf; re-folding would hide them
+            yield Verdict(wname, False, "it holds NaN or Inf (TEN003)")
+            continue
         try:
             n = off_grid_count(w, spec, device)
-        except ValueError:
-            continue  # amax does not fit the weight (shape): QNT003's business
+        except ValueError as e:  # amax does not fit the weight (shape): QNT003's business
+            yield Verdict(wname, False, f"its amax does not fit it: {e}")
+            continue
         del w
         if not n:
+            yield Verdict(wname, True)
             continue
         frac = n / entry.numel
         where = {q.amax_where for q in parts if q.amax_where}
         scales = f"amax from {', '.join(sorted(where))}" if where else "scales from the weight itself"
         qname = STAGE_RE.sub("", parts[0].name)
-        yield Hit(f"{wname}: {n:,} of {entry.numel:,} values ({frac:.1%}) are off the {spec.name} grid "
-                  f"of its enabled weight quantizer {qname} ({scales}; format from {source}): the export "
-                  f"left it unquantized", file=fname, tensor=wname,
-                  fix=ReplaceTensor(fname, wname, Refold(spec, entry.dtype, entry.shape, device_opt)))
+        yield Verdict(wname, True, hit=Hit(
+            f"{wname}: {n:,} of {entry.numel:,} values ({frac:.1%}) are off the {spec.name} grid of its "
+            f"enabled weight quantizer {qname} ({scales}; format from {source}): the export left it "
+            f"unquantized", file=fname, tensor=wname,
+            fix=ReplaceTensor(fname, wname, Refold(spec, entry.dtype, entry.shape, device_opt))))

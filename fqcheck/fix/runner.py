@@ -43,15 +43,20 @@ class FixResult:
 def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = False,
         output: str | os.PathLike | None = None, backup: bool = True,
         select: Sequence[str] | None = None, ignore: Sequence[str] | None = None, deep: bool = False,
-        arch: bool = False, rules_dirs: Iterable[str | os.PathLike] = (), device: str = "auto", quiet: bool = False) -> FixResult:
+        arch: bool = False, rules_dirs: Iterable[str | os.PathLike] = (), device: str = "auto", quiet: bool = False,
+        quant_format: str | None = None) -> FixResult:
     """Repair a checkpoint. quiet: no progress bar (it shows only on a terminal, for big rewrites).
      Raises FixRefused (unfixable errors; nothing changed), FixError (I/O
     failure, rolled back; or locked), CheckpointError (not a checkpoint)."""
-    from ..api import lint
+    from ..api import QUANT_FORMATS, lint
 
+    if quant_format is not None and quant_format.lower() not in QUANT_FORMATS:
+        raise FixError(f"unknown --quant-format {quant_format!r}; choose from {', '.join(QUANT_FORMATS)}")
     ckpt = Checkpoint.open(path)
     root = ckpt.root
-    kw = dict(select=select, ignore=ignore, deep=deep, arch=arch, rules_dirs=tuple(rules_dirs), device=device, quiet=quiet)
+    kw = dict(select=select, ignore=ignore, deep=deep, arch=arch, rules_dirs=tuple(rules_dirs), device=device, quiet=quiet,
+              quant_format=quant_format)
+    weigh = dict(quant_format=quant_format, device=device)  # deciding leaked weight amax (fix/evidence.py)
     enabled = False if quiet else None
 
     def relint():
@@ -63,14 +68,14 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
             raise FixError(f"{root}: an interrupted fix is pending; run `fqcheck fix` or `fqcheck lint` "
                            "to finish it before planning")
         report = relint()
-        return FixResult(str(path), make_plan(Checkpoint.open(path), report.findings, unsafe_fixes), dry_run=True)
+        return FixResult(str(path), make_plan(Checkpoint.open(path), report.findings, unsafe_fixes, **weigh), dry_run=True)
     if output is not None:
         if needs_recovery(root):  # finish the interrupted fix first: never copy a half-fixed dir
             with Lock(root):
                 recover(root)
         report = relint()
         ckpt = Checkpoint.open(path)
-        plan = make_plan(ckpt, report.findings, unsafe_fixes)
+        plan = make_plan(ckpt, report.findings, unsafe_fixes, **weigh)
         out = Path(output)
         res = FixResult(str(path), plan, output=str(out))
         res.written = _write_copy(ckpt, plan, out, enabled)
@@ -85,7 +90,7 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
             raise FixError(f"{root}: cannot finish an interrupted fix: {e.strerror or e}") from e
         report = relint()
         ckpt = Checkpoint.open(path)
-        plan = make_plan(ckpt, report.findings, unsafe_fixes)
+        plan = make_plan(ckpt, report.findings, unsafe_fixes, **weigh)
         res = FixResult(str(path), plan, recovered=recovered)
         if not plan.empty:
             tx = Transaction(root, keep=backup)
