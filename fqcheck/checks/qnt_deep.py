@@ -17,8 +17,9 @@ class Refold:
     It carries the amax itself, so it still works after the QNT001 fix drops the amax tensor from
     the shard (the writer reads the original file; edits are applied in one pass)."""
 
-    def __init__(self, spec, st_dtype: str, shape, device: str = "auto"):
+    def __init__(self, spec, st_dtype: str, shape, device: str = "auto", variant: int = 0):
         self.spec, self.st_dtype, self.shape, self.device = spec, st_dtype, tuple(shape), device
+        self.variant = variant  # FP8: 0 Model Optimizer's CUDA form, 1 its CPU eager form
 
     def __call__(self, raw) -> bytes:
         import torch
@@ -27,7 +28,7 @@ class Refold:
         from ..quant.state import ST_TORCH_DTYPES
         dt = getattr(torch, ST_TORCH_DTYPES[self.st_dtype])
         w = torch.frombuffer(bytearray(raw), dtype=dt).reshape(self.shape)
-        out = fold(w, self.spec, resolve_device(self.device)).contiguous()
+        out = fold(w, self.spec, resolve_device(self.device), self.variant).contiguous()
         return out.view(torch.uint8).numpy().tobytes()
 
 
@@ -120,4 +121,4 @@ def verdicts(ckpt, device_opt: str = "auto", quant_format: str | None = None, on
             f"{wname}: {n:,} of {entry.numel:,} values ({frac:.1%}) are off the {spec.name} grid of its "
             f"enabled weight quantizer {qname} ({scales}; format from {source}): the export left it "
             f"unquantized", file=fname, tensor=wname,
-            fix=ReplaceTensor(fname, wname, Refold(spec, entry.dtype, entry.shape, device_opt))))
+            fix=ReplaceTensor(fname, wname, Refold(spec, entry.dtype, entry.shape, device_opt, res.variant(spec)))))

@@ -16,10 +16,13 @@ import re
 
 import torch
 
-from .formats import Chain, QuantSpec, off_grid_count
+from .formats import Chain, QuantSpec, off_grid_count, quantize
 from .state import FORMAT_UNKNOWN, QuantState, read_tensor, spec_from_attrs, weight_spec
 
 FORMATS = ("fp8", "int8", "int4", "nvfp4")
+# A weight on a coarse grid is also on the finer grids that contain it (INT4 values k*amax/7 are
+# exact FP8 values of the same amax): among the formats every folded sibling is on, the coarsest wins.
+COARSE_FIRST = ("int4", "nvfp4", "int8", "fp8")
 STAGE_RE = re.compile(r"(?:\.\d+)+$")
 # modelopt's quant_algo names (modelopt/torch/export/model_config.py QUANTIZATION_*) -> format
 ALGO_FORMATS = (("NVFP4", "nvfp4"), ("FP8", "fp8"), ("INT8", "int8"), ("W8A8", "int8"),
@@ -62,6 +65,7 @@ class Resolver:
         self.ckpt, self.state, self.device = ckpt, state, device
         self.quant_format = quant_format.lower() if quant_format else None
         self._inferred: tuple | None = None
+        self._variant: int | None = None
 
     def groups(self) -> dict[str, list]:
         """weight tensor name -> its weight quantizer(s) (SequentialQuantizer stages in order)."""
@@ -163,9 +167,34 @@ class Resolver:
                 if on:
                     folded += 1
                     agreed = on if agreed is None else agreed & on
-            fmt = next(iter(agreed)) if agreed and len(agreed) == 1 else None
+            fmt = next((f for f in COARSE_FIRST if f in agreed), None) if agreed else None
             self._inferred = (f"inferred from {folded} folded weight(s)", fmt)
         return self._inferred
+
+    def variant(self, spec) -> int:
+        """Which FP8 form to re-fold with: the export's device when its folded weights tell (an element
+        that only Model Optimizer's CPU eager form reproduces -> 1, only its CUDA form -> 0), else the
+        CUDA form (0), which exports of large models run. Other formats have one form on both."""
+        parts = spec.parts if isinstance(spec, Chain) else (spec,)
+        if not any(p.fmt == "fp8" for p in parts):
+            return 0
+        if self._variant is None:
+            self._variant = 0
+            for wname, qs in self.groups().items():
+                if len(qs) != 1 or qs[0].amax is None or qs[0].amax_where == "vllm_fq_modelopt_state.pth":
+                    continue
+                w = self.read(wname)
+                sib, _, _ = self.spec(wname, qs, tuple(w.shape)) if w is not None else (None, "", "")
+                if not isinstance(sib, QuantSpec) or sib.fmt != "fp8" or not bool(torch.isfinite(w).all()):
+                    continue
+                x = w.to(self.device).to(torch.float32)
+                miss = [quantize(x, sib, v).to(w.dtype) != w.to(self.device) for v in (0, 1)]
+                if bool((miss[0] | miss[1]).all()):
+                    continue  # a raw weight: no evidence
+                if bool((miss[0] & ~miss[1]).any()) != bool((miss[1] & ~miss[0]).any()):
+                    self._variant = 1 if bool((miss[0] & ~miss[1]).any()) else 0
+                    break
+        return self._variant
 
     def read(self, wname: str):
         """The stored weight as a CPU tensor, or None when absent or unreadable."""
