@@ -15,6 +15,8 @@ import torch
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 OFFLOADED = "model.layers.1"  # the layer accelerate puts on "disk"
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 CALIB = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 
 

@@ -304,6 +304,7 @@ def spec_from_attrs(attrs: dict, q: Quantizer, weight_shape) -> tuple[object, st
 def deep_state_problems(ckpt):
     """QNT003 deep half: unloadable state file, amax non-finite, <= 0 or meta, and quantizers naming
     modules absent from the weights. Yields engine Hits."""
+    from ..deep import tie_word_embeddings
     from ..engine import Hit
     torch = _torch()
     state = load_state(ckpt)
@@ -329,6 +330,11 @@ def deep_state_problems(ckpt):
                 if nonpos:
                     yield Hit(f"{name}._amax has {nonpos} value(s) <= 0 of {a.numel()} (min {float(a.min()):g})",
                               file=where, tensor=tensor)
-        if state.state_loaded and q.module and q.module not in modules and (q.amax_where == STATE_NAME or q.attrs):
+        # A disabled quantizer with no tensors (lm_head's in every default config) carries nothing
+        # to load; a tied lm_head stores no weight of its own.
+        live = q.amax is not None or q.pre_quant_scale is not None or not q.attrs.get("_disabled", False)
+        tied = q.module == "lm_head" and tie_word_embeddings(ckpt)
+        if state.state_loaded and q.module and q.module not in modules and live and not tied and \
+                (q.amax_where == STATE_NAME or q.attrs):
             yield Hit(f"{STATE_NAME} names quantizer {name} of module {q.module}, which has no tensors in the weights",
                       file=STATE_NAME)
