@@ -55,7 +55,8 @@ def quantize(m, name: str):
     _quiet()
     import modelopt.torch.quantization as mtq
     with torch.no_grad():
-        return mtq.quantize(m, quant_config(name), lambda mm: mm(CALIB))
+        dev = next(m.parameters()).device
+        return mtq.quantize(m, quant_config(name), lambda mm: mm(CALIB.to("cpu" if dev.type == "meta" else dev)))
 
 
 def export(d: Path, name: str, tie: bool = False):

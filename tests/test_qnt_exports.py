@@ -215,3 +215,29 @@ def test_what_modelopts_own_exporter_leaves_when_it_raises_on_meta_tensors(offlo
     assert list((tmp_path / "half").iterdir()) == []
     cli = subprocess.run([sys.executable, "-m", "fqcheck", "lint", str(tmp_path / "half")], capture_output=True, text=True)
     assert cli.returncode == 1 and "CFG001" in cli.stdout and "Traceback" not in cli.stderr
+
+
+# ---- part 3 on the GPU: Model Optimizer's CUDA extension, which exports of large models run -------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("name", ["FP8_DEFAULT_CFG", "FP8_PER_CHANNEL"])
+def test_gpu_export_fold_is_refolded_bit_identically(name):
+    """mtq.quantize on the GPU folds FP8 through modelopt's CUDA extension (fake_e4m3fy): fqcheck's
+    default form gives the same bytes on the CPU and on the GPU; its eager form (modelopt's CPU path)
+    differs in some elements, which is why the default follows the CUDA extension."""
+    from modelopt.torch.quantization.extensions import get_cuda_ext_fp8
+    from fqcheck.quant.formats import differing
+    assert get_cuda_ext_fp8() is not None, "modelopt's FP8 CUDA extension did not build"
+    m = mb.quantize(mb.model().cuda(), name)
+    eager_differs = total = 0
+    for w_name in linears():
+        mod = m.get_submodule(w_name.rsplit(".", 1)[0])
+        w = mod.weight.data
+        with torch.no_grad():
+            want = mod.weight_quantizer(w.float()).to(w.dtype).cpu()
+        spec = QuantSpec("fp8", mod.weight_quantizer.amax.float().cpu())
+        assert differing(fold(w.cpu(), spec, "cpu"), want) == 0, w_name
+        assert differing(fold(w.cpu(), spec, "cuda"), want) == 0, w_name
+        eager_differs += differing(fold(w.cpu(), spec, "cpu", variant=1), want)
+        total += w.numel()
+    print(f"{name}: CUDA-extension fold vs fqcheck eager form: {eager_differs} of {total} elements differ")
