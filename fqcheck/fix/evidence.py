@@ -17,7 +17,8 @@ def weigh_weight_amax(ckpt, findings, unsafe: bool = False, quant_format: str | 
     """(findings plus the re-folds the decision needs, notes). Raises Undecided unless `unsafe`."""
     from ..checks.qnt import weight_of_amax
     findings = list(findings)
-    leaked = {w for f in findings if f.code == "QNT001" and f.tensor
+    retired = {f.file for f in findings if f.code == "IDX008" and f.fix is not None}
+    leaked = {w for f in findings if f.code == "QNT001" and f.tensor and f.file not in retired
               for w in [weight_of_amax(f.tensor)] if w and w in ckpt.tensor_files}
     refolded = {f.tensor for f in findings if f.code == "QNT002" and isinstance(f.fix, ReplaceTensor)}
     todo = leaked - refolded

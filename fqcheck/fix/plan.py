@@ -150,7 +150,7 @@ def _check_no_tensor_lost(ckpt, drops, retire, headers) -> None:
         kept = [f for f in files if f not in retire and name not in drops.get(f, ())]
         if kept:
             continue
-        if any(f in retire for f in files) and any(name in drops.get(f, ()) for f in files):
+        if any(f in retire for f in files) and any(name in drops.get(f, ()) and f not in retire for f in files):
             raise FixRefused(f"refusing to fix: {name} would be lost (dropped from "
                              f"{', '.join(f for f in files if name in drops.get(f, ()))} while its other copy "
                              f"goes with the retired {', '.join(f for f in files if f in retire)}); nothing was changed")

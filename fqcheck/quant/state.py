@@ -121,12 +121,23 @@ def _clean_header(h) -> bool:
 
 
 def leaked_tensors(ckpt):
-    """(file, tensor_name, match) for every quantizer buffer stored in the shards."""
+    """(file, tensor_name, match) for every quantizer buffer stored in the shards the loaders read (a
+    shard the index does not name is stale, IDX008: its amax belong to an earlier export)."""
+    named = _indexed(ckpt)
     for fname, h in ckpt.headers().items():
+        if named is not None and fname not in named:
+            continue
         for t in h.names:
             m = LEAK_RE.match(t)
             if m and "quantizer" in m.group("attr"):
                 yield fname, t, m
+
+
+def _indexed(ckpt) -> set | None:
+    """The shard files a readable index names, or None when there is no usable index."""
+    idx = ckpt.index
+    wm = idx.data.get("weight_map") if idx is not None and not idx.error and isinstance(idx.data, dict) else None
+    return {f for f in wm.values() if isinstance(f, str)} if isinstance(wm, dict) else None
 
 
 def _normalize_cfg(quant_cfg) -> list:
