@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..checkpoint.safetensors import FLOAT_DTYPES
 from ..engine import Hit, check
 from ..fix.edits import ReplaceTensor
+from .qnt import OLD_AMAX_NAME
 
 STAGE_RE = re.compile(r"(?:\.\d+)+$")  # SequentialQuantizer stage suffix: weight_quantizer.0
 
@@ -46,7 +47,7 @@ def unquantized_weights(ckpt, **options):
 def _has_quantizer_state(ckpt) -> bool:
     from ..checkpoint import STATE_NAME
     from ..quant.state import leaked_tensors
-    return STATE_NAME in ckpt.names or "quant_amax.pth" in ckpt.names or next(leaked_tensors(ckpt), None) is not None
+    return STATE_NAME in ckpt.names or OLD_AMAX_NAME in ckpt.names or next(leaked_tensors(ckpt), None) is not None
 
 
 def weight_hits(ckpt, device_opt: str = "auto", quant_format: str | None = None):
@@ -76,6 +77,9 @@ def verdicts(ckpt, device_opt: str = "auto", quant_format: str | None = None, on
 
     device = resolve_device(device_opt)
     res = Resolver(ckpt, load_state(ckpt), quant_format, device)
+    if OLD_AMAX_NAME in ckpt.names:  # weights unfolded by design: vLLM quantizes them at load time
+        yield from (Verdict(w, True) for w in sorted(res.groups()) if only is None or w in only)
+        return
     for wname, parts in sorted(res.groups().items()):
         if only is not None and wname not in only:
             continue
