@@ -156,7 +156,7 @@ def test_without_state_file_the_folded_siblings_decide(offloaded, name, fmt, tmp
     (d / "vllm_fq_modelopt_state.pth").unlink()
     deep = lint(d, deep=True, device="cpu", select=["QNT002"])
     assert found(deep) == [("QNT002", w) for w in linears(1)]
-    assert all(fmt in f.message and "format from inferred from 7 folded weight(s)" in f.message for f in deep.findings)
+    assert all(fmt in f.message and "format inferred from 7 folded weight(s)" in f.message for f in deep.findings)
     res = fix(d, output=tmp_path / "out", device="cpu")
     assert res.ok and sorted(f.tensor for f in res.applied if f.code == "QNT002") == linears(1)
     check_refold(tmp_path / "out", src, m, name)
@@ -241,3 +241,15 @@ def test_gpu_export_fold_is_refolded_bit_identically(name):
         eager_differs += differing(fold(w.cpu(), spec, "cpu", variant=1), want)
         total += w.numel()
     print(f"{name}: CUDA-extension fold vs fqcheck eager form: {eager_differs} of {total} elements differ")
+
+
+def test_declared_quant_algo_decides_before_the_siblings(offloaded, tmp_path):
+    """Source 2: hf_quant_config.json's quant_algo (here with no folded sibling left to infer from)."""
+    import json
+    d = only_raw_layer_left(offloaded("FP8_DEFAULT_CFG")[0], tmp_path)
+    (d / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"},
+                                                        "quantization": {"quant_algo": "FP8"}}))
+    deep = lint(d, deep=True, device="cpu", select=["QNT002"])
+    assert found(deep) == [("QNT002", w) for w in linears(1)]
+    assert all("FP8 E4M3 per-tensor" in f.message and "format from hf_quant_config.json" in f.message
+               for f in deep.findings)

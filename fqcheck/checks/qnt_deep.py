@@ -123,6 +123,6 @@ def verdicts(ckpt, device_opt: str = "auto", quant_format: str | None = None, on
         qname = STAGE_RE.sub("", parts[0].name)
         yield Verdict(wname, True, hit=Hit(
             f"{wname}: {n:,} of {entry.numel:,} values ({frac:.1%}) are off the {spec.name} grid of its "
-            f"enabled weight quantizer {qname} ({scales}; format from {source}): the export left it "
+            f"enabled weight quantizer {qname} ({scales}; format {source}): the export left it "
             f"unquantized", file=fname, tensor=wname,
             fix=ReplaceTensor(fname, wname, Refold(spec, entry.dtype, entry.shape, device_opt, res.variant(spec)))))

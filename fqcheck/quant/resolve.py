@@ -81,13 +81,13 @@ class Resolver:
         return out
 
     def spec(self, wname: str, parts: list, shape) -> tuple[object, str, str | None]:
-        """(spec or None, source, why not)."""
+        """(spec or None, where the format came from as a phrase ("from X", "inferred from ..."), why not)."""
         spec, why = self._from_state(parts, shape)
         if why != FORMAT_UNKNOWN:
-            return self._with_pqs(spec, parts, why, "vllm_fq_modelopt_state.pth")
+            return self._with_pqs(spec, parts, why, "from vllm_fq_modelopt_state.pth")
         if len(parts) == 1:  # formats named elsewhere are one quantizer each
             amax = parts[0].amax
-            for source, fmt in (self._declared(), self._infer(), ("--quant-format", self.quant_format)):
+            for source, fmt in (self._declared(), self._infer(), ("from --quant-format", self.quant_format)):
                 if fmt:
                     spec = spec_for_format(fmt, amax, shape)
                     why = None if spec else (f"a {fmt} amax of shape "
@@ -145,7 +145,7 @@ class Resolver:
             if isinstance(algo, str):
                 for key, fmt in ALGO_FORMATS:
                     if key in algo.upper():
-                        return fname, fmt
+                        return f"from {fname}", fmt
         return "", None
 
     def _infer(self) -> tuple[str, str | None]:
