@@ -81,15 +81,17 @@ def raw_safetensors(path: Path, header, data: bytes = b"", *, length: int | None
     return Path(path)
 
 
-def leak_quantizer_state(d: Path, modules=("model.layers.0.self_attn.q_proj",), amax: float = 2.5) -> list[str]:
-    """Add `*.input_quantizer._amax` / `*.weight_quantizer._amax` to the first shard and the index,
-    as accelerate's save_pretrained does for offloaded models (PR 1194)."""
+def leak_quantizer_state(d: Path, modules=("model.layers.0.self_attn.q_proj",), amax: float = 2.5,
+                         quantizers=("input_quantizer", "output_quantizer")) -> list[str]:
+    """Add `*.<quantizer>._amax` to the first shard and the index, as accelerate's save_pretrained
+    does for offloaded models (PR 1194). Activation quantizers by default: a leaked weight-quantizer
+    amax beside these raw weights is evidence fix must decide first (tests/test_qnt_exports.py)."""
     d = Path(d)
     shard = sorted(d.glob("*.safetensors"))[0]
     tensors = load_shard(shard)
     added = []
     for m in modules:
-        for q in ("input_quantizer", "weight_quantizer"):
+        for q in quantizers:
             name = f"{m}.{q}._amax"
             tensors[name] = torch.tensor(amax, dtype=torch.float32)
             added.append(name)

@@ -15,17 +15,20 @@ def codes(report, code=None):
 
 
 def test_qnt001_leaked_amax(tiny_llama):
-    added = leak_quantizer_state(tiny_llama)
+    added = leak_quantizer_state(tiny_llama, quantizers=("input_quantizer", "weight_quantizer"))
     r = lint(tiny_llama)
     assert codes(r) == sorted(("QNT001", "model.safetensors", t) for t in added)
     f = r.findings[0]
     assert (f.severity, f.fixable) == ("error", "safe")
     assert f.fix == DropTensor("model.safetensors", f.tensor)
-    assert "KeyError" in f.message
+    assert f.message == f"quantizer state {f.tensor} leaked into the weights"  # input quantizer: no hint
+    [w] = [f for f in r.findings if f.tensor.endswith("weight_quantizer._amax")]
+    assert w.message.endswith("; model.layers.0.self_attn.q_proj.weight may be left unquantized (check with --deep)")
 
 
 def test_qnt001_sharded_all_buffer_kinds(sharded_llama):
-    leak_quantizer_state(sharded_llama, modules=("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"))
+    leak_quantizer_state(sharded_llama, modules=("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"),
+                         quantizers=("input_quantizer", "weight_quantizer"))
     shard = sorted(sharded_llama.glob("*.safetensors"))[-1]
     t = load_shard(shard)
     extra = {
@@ -123,3 +126,39 @@ def test_qnt003_single_file_lint(tmp_path):
     assert codes(lint(p)) == []
     p.write_bytes(p.read_bytes()[:200])
     assert codes(lint(p)) == [("QNT003", STATE_NAME, None)]
+
+
+# ---- the older export layout: quant_amax.pth beside deliberately unfolded weights (modelopt 0.41-0.43)
+def old_layout(d):
+    amax = {f"model.layers.0.self_attn.{p}.{q}._amax": torch.tensor(0.05)
+            for p in ("q_proj", "k_proj") for q in ("weight_quantizer", "input_quantizer")}
+    torch.save(amax, d / "quant_amax.pth")
+    return amax
+
+
+def test_old_layout_weights_are_never_called_unquantized(tiny_llama):
+    import fqcheck
+    old_layout(tiny_llama)
+    leaked = leak_quantizer_state(tiny_llama, amax=0.05, quantizers=("weight_quantizer",))
+    assert codes(lint(tiny_llama)) == [("QNT001", "model.safetensors", t) for t in leaked]
+    assert codes(lint(tiny_llama, deep=True, select=["QNT"])) == [("QNT001", "model.safetensors", t) for t in leaked]
+    res = fqcheck.fix(tiny_llama, select=["QNT001"], backup=False)  # decided: unfolded on purpose
+    assert res.ok and [f.code for f in res.applied] == ["QNT001"]
+
+
+def test_old_layout_amax_file_is_scanned_like_the_state_file(tiny_llama):
+    amax = old_layout(tiny_llama)
+    amax["hook"] = Pwn()
+    torch.save(amax, tiny_llama / "quant_amax.pth")
+    assert codes(lint(tiny_llama)) == [("PKL001", "quant_amax.pth", None), ("QNT003", "quant_amax.pth", None)]
+
+
+def test_deep_qnt_on_a_checkpoint_without_quantizer_state_does_not_import_torch(tiny_llama):
+    """Issue 15: nothing names a quantizer, so QNT's deep half has nothing to read."""
+    import subprocess
+    import sys
+    code = ("import sys, fqcheck.api as a; r = a.lint(sys.argv[1], deep=True, select=['QNT']); "
+            "assert r.findings == [] and 'QNT002' in r.rules_run; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_llama)], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr

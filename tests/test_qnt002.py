@@ -217,3 +217,55 @@ def test_mx_weight_left_unquantized_is_found_and_refolded_without_any_amax(tmp_p
     assert torch.equal(after[RAW], fold(before[RAW], spec))
     assert all(torch.equal(after[k].view(torch.uint8), before[k].view(torch.uint8)) for k in before if k != RAW)
     assert qnt002(d) == []
+
+
+# ---- format resolution pieces --------------------------------------------------------------------
+def test_sequential_quantizer_cfg_is_read_as_a_list():
+    from fqcheck.quant.state import QuantState, _normalize_cfg
+    st = QuantState(quant_cfg=_normalize_cfg([
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*weight_quantizer", "cfg": [{"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}},
+                                                        {"num_bits": (4, 3), "axis": None}]}]))
+    enabled, attrs = st.config_for("model.layers.0.mlp.down_proj.weight_quantizer")
+    assert enabled is True and [a["num_bits"] for a in attrs] == [4, (4, 3)]
+    assert st.config_for("model.layers.0.mlp.down_proj.input_quantizer") == (False, {})
+
+
+def test_spec_for_format_takes_granularity_from_the_amax_shape():
+    from fqcheck.quant.resolve import spec_for_format
+    shape = (64, 128)
+    assert spec_for_format("fp8", torch.tensor(1.0), shape).name == "FP8 E4M3 per-tensor"
+    assert spec_for_format("fp8", torch.ones(64, 1), shape).name == "FP8 E4M3 per-channel"
+    assert spec_for_format("int8", torch.ones(64), shape).name == "INT8 per-channel"
+    assert spec_for_format("int4", torch.ones(128, 1), shape).name == "INT4 block 64"
+    assert spec_for_format("int4", torch.ones(64, 1), (64, 100)).name == "INT4 block 100"  # one padded block a row
+    assert spec_for_format("fp8", torch.ones(3), shape) is None  # fits no layout
+    assert spec_for_format("nvfp4", torch.ones(64, 1), shape) is None
+
+
+@pytest.mark.parametrize("form", [0, 1])
+def test_fp8_refold_follows_the_form_the_folded_siblings_show(tmp_path, form):
+    """float32 weights keep the last bits of `g * (1/scale)`, so siblings folded by Model Optimizer's
+    CUDA form (0) or its CPU eager form (1) tell which device made the export; the raw weight is
+    re-folded the same way."""
+    import fqcheck
+    from builders import save_tiny_model
+
+    d = save_tiny_model(tmp_path / "x", dtype=torch.float32)
+    t = load_shard(d / "model.safetensors")
+    for m in linear_modules():
+        w = t[f"{m}.weight"]
+        amax = w.abs().amax()
+        while bool(torch.full((), 448.0) / amax == amax.reciprocal() * 448.0):  # forms must differ
+            amax = torch.nextafter(amax, torch.tensor(2.0))
+        spec = QuantSpec("fp8", amax)
+        if f"{m}.weight" != RAW:
+            t[f"{m}.weight"] = fold(w, spec, variant=form)
+        t[f"{m}.weight_quantizer._amax"] = amax
+    save_shard(d / "model.safetensors", t)
+    res = fqcheck.fix(d, backup=False, device="cpu")
+    assert res.ok and [f.tensor for f in res.applied if f.code == "QNT002"] == [RAW]
+    raw, amax = t[RAW], t[RAW.replace(".weight", ".weight_quantizer._amax")]
+    after = load_shard(d / "model.safetensors")[RAW]
+    assert torch.equal(after, fold(raw, QuantSpec("fp8", amax), variant=form))
+    assert not torch.equal(after, fold(raw, QuantSpec("fp8", amax), variant=1 - form))

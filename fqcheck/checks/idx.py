@@ -24,6 +24,7 @@ from ..catalog import schema_path
 from ..checkpoint import INDEX_NAME, Checkpoint, SafetensorsHeader
 from ..checkpoint import safetensors as st
 from ..engine import Hit, check
+from .qnt import LEAK_PATTERN
 from ..fix.edits import DropTensor, RebuildIndex, RetireFile
 
 SCHEMA = "index.schema.json"
@@ -486,7 +487,12 @@ def stale_shard(ckpt: Checkpoint) -> Iterator[Hit]:
         # Stale only if every tensor it holds is also held by a shard the index names: otherwise
         # retiring it would lose the only copy (e.g. an index entry pointed at the wrong file).
         only_here = [t for t in h.names if t not in v.held]
-        if only_here:
+        if only_here and all("quantizer" in t and LEAK_PATTERN.search(t) for t in only_here):
+            # all it alone holds is leaked quantizer state, which QNT001's fix drops anyway
+            yield _hit(f"{f} is not named by the index (stale, from an earlier export); what only it holds "
+                       f"is leaked quantizer state ({_plural(len(only_here), 'tensor')}, e.g. {only_here[0]}), "
+                       "which the QNT001 fix drops anyway: retire the file", file=f, fix=RetireFile(f))
+        elif only_here:
             yield _hit(f"{f} is not named by the index but holds {_plural(len(only_here), 'tensor')} that "
                         f"no named shard holds (e.g. {only_here[0]}): transformers and vLLM ignore the file "
                         "while the index exists, so those weights are not loaded; either the file or the "

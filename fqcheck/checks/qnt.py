@@ -24,9 +24,23 @@ def leaked_quantizer_state(ckpt: Checkpoint) -> Iterator[Hit]:
     for fname, h in ckpt.headers().items():
         for t in h.names:
             if "quantizer" in t and LEAK_PATTERN.search(t):  # substring test first: 91k names in ms
-                yield Hit(f"quantizer state {t} leaked into the weights: vLLM's loader raises "
-                          f"KeyError on it and transformers reports an unexpected key",
-                          file=fname, tensor=t, fix=DropTensor(fname, t))
+                weight = weight_of_amax(t)
+                msg = f"quantizer state {t} leaked into the weights"
+                if weight:
+                    msg += f"; {weight} may be left unquantized (check with --deep)"
+                yield Hit(msg, file=fname, tensor=t, fix=DropTensor(fname, t))
+
+
+WEIGHT_AMAX = re.compile(r"^(?:(?P<module>.+)\.)?(?P<attr>(?:\w+_)?weight)_quantizer(?:\.\d+)*\._(?:amax|global_amax)$")
+
+
+def weight_of_amax(tensor: str) -> str | None:
+    """The weight a leaked weight-quantizer amax calibrated (`m.weight_quantizer[.i]._amax` ->
+    `m.weight`), or None for any other quantizer buffer."""
+    m = WEIGHT_AMAX.match(tensor)
+    if not m:
+        return None
+    return f"{m.group('module')}.{m.group('attr')}" if m.group("module") else m.group("attr")
 
 
 @check("QNT003")
@@ -49,11 +63,18 @@ def state_file(ckpt: Checkpoint, **options) -> Iterator[Hit]:
     yield from deep_state_problems(ckpt)
 
 
+# The layout of modelopt 0.41-0.43's FakeQuant export: bf16 weights left unfolded on purpose and the
+# quantizers' amax in a torch.save'd {"<module>.<x>_quantizer._amax": tensor} that vLLM's fakequant
+# worker loads (AMAX_FILE_PATH) to quantize the weights at load time.
+OLD_AMAX_NAME = "quant_amax.pth"
+
+
 def state_file_header_problems(ckpt: Checkpoint) -> Iterator[Hit]:
-    if STATE_NAME not in ckpt.names:
-        return
-    from ..checkpoint.pickle_scan import scan_cached  # imported only when there is a state file
-    why = scan_cached(ckpt, STATE_NAME).weights_only_refusal()
-    if why:
-        yield Hit(f"{STATE_NAME} cannot be loaded with torch.load(weights_only=True) as vLLM's "
-                  f"FakeQuant worker does: {why}", file=STATE_NAME)
+    for name in (STATE_NAME, OLD_AMAX_NAME):
+        if name not in ckpt.names:
+            continue
+        from ..checkpoint.pickle_scan import scan_cached  # imported only when there is a state file
+        why = scan_cached(ckpt, name).weights_only_refusal()
+        if why:
+            yield Hit(f"{name} cannot be loaded with torch.load(weights_only=True) as vLLM's "
+                      f"FakeQuant worker does: {why}", file=name)

@@ -37,6 +37,7 @@ class Plan:
     retire: list[str] = field(default_factory=list)
     applied: list = field(default_factory=list)   # findings whose edits are in the plan
     skipped: list = field(default_factory=list)   # fixable findings left alone (unsafe, no edit)
+    notes: list = field(default_factory=list)     # what an unsafe fix did without checking
 
     @property
     def empty(self) -> bool:
@@ -61,6 +62,7 @@ class Plan:
             lines.append(f"{name}: " + "; ".join(self.json_changes.get(name, ["rewrite"])))
         for name in sorted(self.retire):
             lines.append(f"{name}: retire (moved into the backup)")
+        lines.extend(f"note: {n}" for n in self.notes)
         return lines
 
 
@@ -70,14 +72,21 @@ def _names(names, limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def make_plan(ckpt: Checkpoint, findings, unsafe: bool = False) -> Plan:
+def make_plan(ckpt: Checkpoint, findings, unsafe: bool = False, quant_format: str | None = None,
+              device: str = "auto") -> Plan:
+    """quant_format / device: for deciding the weights whose weight-quantizer amax leaked."""
     blocking = [f for f in findings if f.severity == "error" and f.fixable == "no"]
     if blocking:
         lines = "\n".join(f"  {f.code} {f.file or ''}{':' + f.tensor if f.tensor else ''}: {f.message}"
                           for f in blocking)
         raise FixRefused(f"refusing to fix: {len(blocking)} error(s) cannot be fixed safely "
                          f"(nothing was changed):\n{lines}", blocking)
-    plan = Plan()
+    from .evidence import Undecided, refusal, weigh_weight_amax
+    try:
+        findings, notes = weigh_weight_amax(ckpt, findings, unsafe, quant_format, device)
+    except Undecided as e:
+        raise FixRefused(refusal(e.args[0])) from None
+    plan = Plan(notes=notes)
     drops: dict[str, set[str]] = {}
     replaces: dict[str, dict] = {}
     metas: dict[str, dict] = {}
@@ -141,7 +150,7 @@ def _check_no_tensor_lost(ckpt, drops, retire, headers) -> None:
         kept = [f for f in files if f not in retire and name not in drops.get(f, ())]
         if kept:
             continue
-        if any(f in retire for f in files) and any(name in drops.get(f, ()) for f in files):
+        if any(f in retire for f in files) and any(name in drops.get(f, ()) and f not in retire for f in files):
             raise FixRefused(f"refusing to fix: {name} would be lost (dropped from "
                              f"{', '.join(f for f in files if name in drops.get(f, ()))} while its other copy "
                              f"goes with the retired {', '.join(f for f in files if f in retire)}); nothing was changed")

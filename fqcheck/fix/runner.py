@@ -65,7 +65,7 @@ def run(path: str | os.PathLike, options: Options, *, unsafe_fixes: bool = False
             raise FixError(f"{root}: an interrupted fix is pending; run `fqcheck fix` to finish it (or "
                            "`fqcheck restore` to roll it back) before planning")
         report = relint()
-        return FixResult(str(path), _plan(Checkpoint.open(path), report.findings, unsafe_fixes), dry_run=True)
+        return FixResult(str(path), _plan(Checkpoint.open(path), report.findings, unsafe_fixes, options), dry_run=True)
     if output is not None:
         _check_output(Path(output), root)
         if pending(root):  # finish the interrupted fix first: never copy a half-fixed dir
@@ -73,7 +73,7 @@ def run(path: str | os.PathLike, options: Options, *, unsafe_fixes: bool = False
                 recover(root)
         report = relint()
         ckpt = Checkpoint.open(path)
-        plan = _plan(ckpt, report.findings, unsafe_fixes)
+        plan = _plan(ckpt, report.findings, unsafe_fixes, options)
         out = Path(output)
         res = FixResult(str(path), plan, output=str(out))
         res.written = _write_copy(ckpt, plan, out, enabled)
@@ -88,7 +88,7 @@ def run(path: str | os.PathLike, options: Options, *, unsafe_fixes: bool = False
             raise FixError(f"{root}: cannot finish an interrupted fix: {e.strerror or e}") from e
         report = relint()
         ckpt = Checkpoint.open(path)
-        plan = _plan(ckpt, report.findings, unsafe_fixes)
+        plan = _plan(ckpt, report.findings, unsafe_fixes, options)
         res = FixResult(str(path), plan, recovered=recovered)
         if not plan.empty:
             tx = Transaction(root, keep=backup)
@@ -114,9 +114,9 @@ def run(path: str | os.PathLike, options: Options, *, unsafe_fixes: bool = False
         return res
 
 
-def _plan(ckpt, findings, unsafe: bool) -> Plan:
-    try:
-        return make_plan(ckpt, findings, unsafe)
+def _plan(ckpt, findings, unsafe: bool, options: Options) -> Plan:
+    try:  # quant_format and device decide leaked weight amax (fix/evidence.py)
+        return make_plan(ckpt, findings, unsafe, quant_format=options.quant_format, device=options.device)
     except UnicodeEncodeError as e:  # a JSON file holding a lone surrogate ("\\ud800"): not UTF-8 text
         raise FixRefused(f"refusing to fix: a JSON file to rewrite holds a lone surrogate "
                          f"({e.object[e.start:e.end]!a}), which cannot be written back as UTF-8; edit it by "

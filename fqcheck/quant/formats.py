@@ -50,6 +50,25 @@ class QuantSpec:
         return f"{'U' if self.unsigned else ''}INT{self.num_bits} {gran}"
 
 
+@dataclass(frozen=True)
+class Chain:
+    """Several quantizers applied in turn, then an optional per-input-channel scale. `parts`: a
+    SequentialQuantizer (a list `cfg`, e.g. W4A8_AWQ: INT4 blocks, then FP8 per-tensor) applies
+    `quantizer.i` in order on float32 (modelopt/torch/quantization/nn/modules/tensor_quantizer.py
+    SequentialQuantizer.forward). `post_scale`: the input quantizer's pre_quant_scale, which the
+    FakeQuant export folds into the weight when that input quantizer is disabled (INT4_AWQ weight
+    only): `(quantizer(w.float()).to(w.dtype) * pqs[None, :]).to(w.dtype)`
+    (export/plugins/vllm_fakequant_hf.py `_fakequant_module_weights`)."""
+    parts: tuple
+    post_scale: object = field(default=None, compare=False, repr=False)  # CPU tensor (in_features,)
+    fmt = "chain"
+
+    @property
+    def name(self) -> str:
+        n = " then ".join(p.name for p in self.parts)
+        return n + (" with its pre_quant_scale folded in" if self.post_scale is not None else "")
+
+
 def resolve_device(device: str | None = "auto") -> torch.device:
     """--device auto|cpu|cuda[:N]: auto takes the GPU when torch sees one."""
     d = (device or "auto").strip().lower()
@@ -238,6 +257,10 @@ def fake_mx(x: torch.Tensor, fmt: str, block: int = 32) -> torch.Tensor:
 def quantize(x: torch.Tensor, spec: QuantSpec, variant: int = 0) -> torch.Tensor:
     """The quantizer on a float32 tensor (what TensorQuantizer.forward returns for it). variant 0 is
     modelopt's GPU path; the others are what modelopt may also have produced (see variants())."""
+    if spec.fmt == "chain":
+        for part in spec.parts:
+            x = quantize(x, part, variant if variant < variants(part) else 0)
+        return x
     if spec.fmt == "fp8":
         return fake_fp8_e4m3(x, spec.amax, eager=variant == 1)
     if spec.fmt == "int":
@@ -255,7 +278,20 @@ def variants(spec: QuantSpec) -> int:
     """How many results modelopt can give for this format: FP8 through its CUDA extension or its
     eager fallback (2); NVFP4 with either rounding at exact E2M1 thresholds (3); INT (1: its CPU
     path and CUDA extension agree, measured)."""
+    if spec.fmt == "chain":
+        return max(variants(p) for p in spec.parts)
     return {"fp8": 2, "nvfp4": 3}.get(spec.fmt, 1)
+
+
+def _post_scale(out: torch.Tensor, spec, dtype: torch.dtype) -> torch.Tensor:
+    """The export's `(w_quant * pqs[None, :]).to(w_quant.dtype)`: the product of two floats of at
+    most float32 precision is computed in float32 and rounded once to the weight's dtype, as torch
+    does for bf16*bf16 and for bf16*float32 (promoted) alike."""
+    s = getattr(spec, "post_scale", None)
+    if s is None:
+        return out.to(dtype)
+    s = s.to(torch.float32).reshape(-1).to(out.device)
+    return (out.to(dtype).to(torch.float32) * s).to(dtype)
 
 
 def fold(weight: torch.Tensor, spec: QuantSpec, device: torch.device | str | None = None,
@@ -266,9 +302,9 @@ def fold(weight: torch.Tensor, spec: QuantSpec, device: torch.device | str | Non
         # page-locked staging: pageable copies ran at ~1 GB/s on the H100 machine, pinned at ~13 GB/s
         out = quantize(weight.pin_memory().to(dev, non_blocking=True).to(torch.float32), spec, variant)
         host = torch.empty(out.shape, dtype=weight.dtype, pin_memory=True)
-        host.copy_(out.to(weight.dtype))
+        host.copy_(_post_scale(out, spec, weight.dtype))
         return host
-    out = quantize(weight.to(dev).to(torch.float32), spec, variant).to(weight.dtype)
+    out = _post_scale(quantize(weight.to(dev).to(torch.float32), spec, variant), spec, weight.dtype)
     return out.cpu() if out.device.type != "cpu" else out
 
 
@@ -277,9 +313,13 @@ def off_grid_count(weight: torch.Tensor, spec: QuantSpec, device=None) -> int:
     what the quantizer produces, compared as values)."""
     dev = torch.device(device) if device is not None else weight.device
     w = weight.to(dev)
+    x = w.to(torch.float32)
+    ps = getattr(spec, "post_scale", None)
+    if ps is not None:  # a folded weight divided by the scale lands within rounding of its grid point
+        x = x / ps.to(torch.float32).reshape(-1).to(dev)
     off = None
     for v in range(variants(spec)):
-        f = quantize(w.to(torch.float32), spec, v).to(weight.dtype)
+        f = _post_scale(quantize(x, spec, v), spec, weight.dtype)
         miss = (w != f) & ~(torch.isnan(w) & torch.isnan(f)) if w.is_floating_point() else w != f
         off = miss if off is None else off & miss
         del f

@@ -30,6 +30,8 @@ from ..checkpoint import STATE_NAME
 LEAK_RE = re.compile(r"^(?P<q>(?:(?P<module>.+)\.)?(?P<attr>\w*quantizers?)(?:\.\d+)*)\.(?P<buf>_\w+)$")
 WEIGHT_Q_RE = re.compile(r"(?:^|\.)(?:\w+_)?weight_quantizers?(?:\.\d+)*$")
 
+FORMAT_UNKNOWN = "format unknown (no quant_cfg or quantizer_state names it)"
+
 ST_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
                    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -73,16 +75,20 @@ class QuantState:
             q = self.quantizers[name] = Quantizer(name)
         return q
 
-    def config_for(self, qname: str) -> tuple[bool | None, dict]:
+    def config_for(self, qname: str) -> tuple[bool | None, dict | list]:
         """(enabled, attributes) for a quantizer from the quant_cfg globs (later entries win; entries
-        restricted to a parent class are skipped: module classes are not in the checkpoint)."""
+        restricted to a parent class are skipped: module classes are not in the checkpoint). A list
+        `cfg` (SequentialQuantizer, e.g. W4A8_AWQ) gives a list of attribute dicts, one per stage."""
         enabled, attrs = None, {}
         for glob, parent, enable, cfg in self.quant_cfg:
             if parent or not fnmatch.fnmatch(qname, glob):
                 continue
             if isinstance(cfg, dict):
-                attrs = {**attrs, **cfg}
+                attrs = {**attrs, **cfg} if isinstance(attrs, dict) else dict(cfg)
                 enabled = bool(cfg.get("enable", True)) if enable is None else bool(enable)
+            elif isinstance(cfg, list):  # a SequentialQuantizer: one attribute dict per stage
+                attrs = [dict(c) for c in cfg]
+                enabled = True if enable is None else bool(enable)
             elif enable is not None:
                 enabled = bool(enable)
         return enabled, attrs
@@ -115,12 +121,23 @@ def _clean_header(h) -> bool:
 
 
 def leaked_tensors(ckpt):
-    """(file, tensor_name, match) for every quantizer buffer stored in the shards."""
+    """(file, tensor_name, match) for every quantizer buffer stored in the shards the loaders read (a
+    shard the index does not name is stale, IDX008: its amax belong to an earlier export)."""
+    named = _indexed(ckpt)
     for fname, h in ckpt.headers().items():
+        if named is not None and fname not in named:
+            continue
         for t in h.names:
             m = LEAK_RE.match(t)
             if m and "quantizer" in m.group("attr"):
                 yield fname, t, m
+
+
+def _indexed(ckpt) -> set | None:
+    """The shard files a readable index names, or None when there is no usable index."""
+    idx = ckpt.index
+    wm = idx.data.get("weight_map") if idx is not None and not idx.error and isinstance(idx.data, dict) else None
+    return {f for f in wm.values() if isinstance(f, str)} if isinstance(wm, dict) else None
 
 
 def _normalize_cfg(quant_cfg) -> list:
@@ -132,8 +149,11 @@ def _normalize_cfg(quant_cfg) -> list:
     elif isinstance(quant_cfg, (list, tuple)):
         for e in quant_cfg:
             if isinstance(e, dict) and isinstance(e.get("quantizer_name"), str):
+                cfg = e.get("cfg")
+                if isinstance(cfg, (list, tuple)):
+                    cfg = [c for c in cfg if isinstance(c, dict)] or None
                 out.append((e["quantizer_name"], e.get("parent_class"), e.get("enable"),
-                            e.get("cfg") if isinstance(e.get("cfg"), dict) else None))
+                            cfg if isinstance(cfg, (dict, list)) else None))
     return out
 
 
@@ -237,17 +257,22 @@ def load_state(ckpt) -> QuantState:
 
 def weight_spec(state: QuantState, q: Quantizer, weight_shape) -> tuple[object, str | None]:
     """(QuantSpec, None) for an enabled weight quantizer with a usable amax, else (None, why not)."""
+    enabled, attrs = state.config_for(q.name)
+    if enabled is False:
+        return None, "its quantizer is disabled in the quant config"
+    return spec_from_attrs(attrs if isinstance(attrs, dict) else {}, q, weight_shape)
+
+
+def spec_from_attrs(attrs: dict, q: Quantizer, weight_shape) -> tuple[object, str | None]:
+    """(QuantSpec, None) from quant_cfg attributes overlaid by the quantizer's own saved state."""
     from .formats import QuantSpec
     torch = _torch()
-    enabled, attrs = state.config_for(q.name)
     a = dict(attrs)
     a.update({k[1:]: v for k, v in q.attrs.items() if k in ("_num_bits", "_axis", "_block_sizes",
                                                              "_unsigned", "_narrow_range")})
-    if enabled is False:
-        return None, "its quantizer is disabled in the quant config"
     num_bits = a.get("num_bits")
     if num_bits is None:
-        return None, "format unknown (no quant_cfg or quantizer_state names it)"
+        return None, FORMAT_UNKNOWN
     if isinstance(num_bits, list):
         num_bits = tuple(num_bits)
     bs = a.get("block_sizes")
@@ -290,6 +315,7 @@ def weight_spec(state: QuantState, q: Quantizer, weight_shape) -> tuple[object, 
 def deep_state_problems(ckpt):
     """QNT003 deep half: unloadable state file, amax non-finite, <= 0 or meta, and quantizers naming
     modules absent from the weights. Yields engine Hits."""
+    from ..deep import tie_word_embeddings
     from ..engine import Hit
     torch = _torch()
     state = load_state(ckpt)
@@ -315,6 +341,11 @@ def deep_state_problems(ckpt):
                 if nonpos:
                     yield Hit(f"{name}._amax has {nonpos} value(s) <= 0 of {a.numel()} (min {float(a.min()):g})",
                               file=where, tensor=tensor)
-        if state.state_loaded and q.module and q.module not in modules and (q.amax_where == STATE_NAME or q.attrs):
+        # A disabled quantizer with no tensors (lm_head's in every default config) carries nothing
+        # to load; a tied lm_head stores no weight of its own.
+        live = q.amax is not None or q.pre_quant_scale is not None or not q.attrs.get("_disabled", False)
+        tied = q.module == "lm_head" and tie_word_embeddings(ckpt)
+        if state.state_loaded and q.module and q.module not in modules and live and not tied and \
+                (q.amax_where == STATE_NAME or q.attrs):
             yield Hit(f"{STATE_NAME} names quantizer {name} of module {q.module}, which has no tensors in the weights",
                       file=STATE_NAME)
