@@ -15,7 +15,7 @@ import mobuild as mb  # noqa: E402
 from builders import load_shard, save_shard  # noqa: E402
 from fqcheck.api import lint  # noqa: E402
 from fqcheck.fix.plan import FixRefused  # noqa: E402
-from fqcheck.fix.runner import fix  # noqa: E402
+from fqcheck.api import fix  # noqa: E402
 from fqcheck.quant.formats import QuantSpec, fold  # noqa: E402
 
 CLEAN = ["FP8_DEFAULT_CFG", "FP8_PER_CHANNEL", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT4_AWQ_CFG",
@@ -192,7 +192,7 @@ def test_quant_format_option_decides_and_unsafe_fixes_drops_saying_so(offloaded,
     cli = subprocess.run([sys.executable, "-m", "fqcheck", "fix", str(d), "--quant-format", "fp8",
                           "--output", str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
-    assert "[QNT002] 7 finding(s)" in cli.stdout and "no findings remain" in cli.stdout
+    assert "QNT002 7×" in cli.stdout and "no findings remain" in cli.stdout
     check_refold(tmp_path / "out", src, m, "FP8_DEFAULT_CFG")
     res = fix(d, unsafe_fixes=True, output=tmp_path / "dropped", device="cpu")
     assert [n.split(" without")[0] for n in res.plan.notes] == [f"dropped the leaked amax of {w}" for w in linears(1)]
@@ -206,7 +206,7 @@ def test_quant_format_option_decides_and_unsafe_fixes_drops_saying_so(offloaded,
 def test_what_modelopts_own_exporter_leaves_when_it_raises_on_meta_tensors(offloaded, tmp_path):
     """modelopt 0.47's export_hf_vllm_fq_checkpoint on the offloaded model raises NotImplementedError
     ("Cannot copy out of meta tensor") after creating the folder: it is left empty, and fqcheck says
-    so as a finding (no config.json), not as a traceback."""
+    there are no weights (exit 2), not a traceback and never a green gate."""
     from modelopt.torch.export.plugins.vllm_fakequant_hf import export_hf_vllm_fq_checkpoint
     base = mb.save_base(tmp_path / "base")
     m = mb.offloaded_model(base, tmp_path, "FP8_DEFAULT_CFG")
@@ -214,7 +214,7 @@ def test_what_modelopts_own_exporter_leaves_when_it_raises_on_meta_tensors(offlo
         export_hf_vllm_fq_checkpoint(m, tmp_path / "half")
     assert list((tmp_path / "half").iterdir()) == []
     cli = subprocess.run([sys.executable, "-m", "fqcheck", "lint", str(tmp_path / "half")], capture_output=True, text=True)
-    assert cli.returncode == 1 and "CFG001" in cli.stdout and "Traceback" not in cli.stderr
+    assert cli.returncode == 2 and "no weights here" in cli.stderr and "Traceback" not in cli.stderr
 
 
 # ---- part 3 on the GPU: Model Optimizer's CUDA extension, which exports of large models run -------

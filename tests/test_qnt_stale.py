@@ -3,7 +3,7 @@ import torch
 
 from builders import load_shard, save_shard
 from fqcheck.api import lint
-from fqcheck.fix.runner import fix
+from fqcheck.api import fix
 
 STALE = "model-00001-of-00009.safetensors"  # left by an earlier export with another shard count
 AMAX = "model.layers.0.self_attn.q_proj.input_quantizer._amax"
