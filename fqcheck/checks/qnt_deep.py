@@ -49,7 +49,8 @@ def unquantized_weights(ckpt, **options):
     except ImportError:  # deep checks need torch; without it there is nothing to compare
         return
     from ..checkpoint.data import ShardData
-    from ..quant.formats import off_grid_count, resolve_device
+    from ..quant.formats import resolve_device
+    from ..quant.kernels import off_grid_count_fast as off_grid_count  # formats' count, at speed
     from ..quant.state import _clean_header, load_state, read_tensor, weight_spec
 
     device_opt = options.get("device") or "auto"

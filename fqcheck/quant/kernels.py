@@ -16,6 +16,7 @@ and per-channel amax is sliced with the rows it belongs to.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -36,22 +37,30 @@ def fold_fast(w: torch.Tensor, spec: QuantSpec, device: torch.device | str | Non
     return fold_cpu(w, spec)
 
 
-def fold_cpu(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    w = w.cpu()
-    if _lookup_ok(w, spec):
-        return _fold_lookup(w, spec)
-    pieces = row_specs(w, spec, CPU_CHUNK_ELEMS)
-    if pieces is None:
-        return fold(w, spec, "cpu")
-    out = torch.empty_like(w)
+@contextlib.contextmanager
+def _one_thread():
+    """Cache-sized pieces lose more to waking torch's thread pool than they gain from it (on a
+    busy 2-core machine a parallel op on 64K elements can wait a whole scheduler slice)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # chunks this small lose more to waking the pool than they gain from it
+    torch.set_num_threads(1)
     try:
-        for r0, r1, s in pieces:
-            out[r0:r1] = quantize(w[r0:r1].to(torch.float32), s).to(w.dtype)
+        yield
     finally:
         torch.set_num_threads(threads)
-    return out
+
+
+def fold_cpu(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    w = w.cpu()
+    with _one_thread():
+        if _lookup_ok(w, spec):
+            return _fold_lookup(w, spec)
+        pieces = row_specs(w, spec, CPU_CHUNK_ELEMS)
+        if pieces is None:
+            return fold(w, spec, "cpu")
+        out = torch.empty_like(w)
+        for r0, r1, s in pieces:
+            out[r0:r1] = quantize(w[r0:r1].to(torch.float32), s).to(w.dtype)
+        return out
 
 
 def off_grid_count_fast(w: torch.Tensor, spec: QuantSpec, device=None) -> int:
@@ -62,25 +71,19 @@ def off_grid_count_fast(w: torch.Tensor, spec: QuantSpec, device=None) -> int:
     if dev.type == "cuda":
         return off_grid_count(w, spec, dev)
     w = w.cpu()
-    if _lookup_ok(w, spec):
-        x = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16)).view(w.dtype)
-        off = torch.ones(1 << 16, dtype=torch.bool)
-        for v in range(variants(spec)):
-            f = quantize(x.to(torch.float32), spec, v).to(w.dtype)
-            off &= (x != f) & ~(torch.isnan(x) & torch.isnan(f))
-        table = off.numpy().view(np.uint8)
-        bits = w.contiguous().view(torch.int16).numpy().reshape(-1).view(np.uint16)
-        return sum(int(np.count_nonzero(np.take(table, bits[i:i + CPU_CHUNK_ELEMS].astype(np.intp), mode="clip")))
-                   for i in range(0, bits.size, CPU_CHUNK_ELEMS))
-    pieces = row_specs(w, spec, CPU_CHUNK_ELEMS)
-    if pieces is None:
-        return off_grid_count(w, spec, "cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
+        if _lookup_ok(w, spec):
+            x = _all_bit_patterns(w.dtype)
+            off = torch.ones(x.shape, dtype=torch.bool)
+            for v in range(variants(spec)):
+                f = quantize(x.to(torch.float32), spec, v).to(w.dtype)
+                off &= (x != f) & ~(torch.isnan(x) & torch.isnan(f))
+            hits = _gather(off.numpy().view(np.uint8), _bits(w), np.empty(w.numel(), np.uint8))
+            return int(np.count_nonzero(hits))
+        pieces = row_specs(w, spec, CPU_CHUNK_ELEMS)
+        if pieces is None:
+            return off_grid_count(w, spec, "cpu")
         return sum(off_grid_count(w[r0:r1], s, "cpu") for r0, r1, s in pieces)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _lookup_ok(w: torch.Tensor, spec: QuantSpec) -> bool:
@@ -90,18 +93,33 @@ def _lookup_ok(w: torch.Tensor, spec: QuantSpec) -> bool:
             and w.is_floating_point() and w.element_size() == 2 and w.numel() > (1 << 16))
 
 
+def _all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
+    """The 65,536 values of a 16-bit dtype, entry u holding the value whose bits are u."""
+    return torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16)).view(dtype)
+
+
 def lookup_table(dtype: torch.dtype, spec: QuantSpec, device="cpu") -> torch.Tensor:
     """int16 table: entry u is the folded bits of the weight whose bits are u (0..65535)."""
-    bits = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16)).to(device)
-    return quantize(bits.view(dtype).to(torch.float32), spec).to(dtype).view(torch.int16)
+    x = _all_bit_patterns(dtype).to(device)
+    return quantize(x.to(torch.float32), spec).to(dtype).view(torch.int16)
+
+
+def _bits(w: torch.Tensor) -> np.ndarray:
+    return w.contiguous().view(torch.int16).numpy().reshape(-1).view(np.uint16)
+
+
+def _gather(table: np.ndarray, bits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[i] = table[bits[i]], through one reused cache-sized index buffer (~a copy's speed)."""
+    idx = np.empty(min(bits.size, CPU_CHUNK_ELEMS), dtype=np.intp)
+    for i in range(0, bits.size, CPU_CHUNK_ELEMS):
+        b = bits[i:i + CPU_CHUNK_ELEMS]
+        np.copyto(idx[:b.size], b, casting="unsafe")
+        np.take(table, idx[:b.size], out=out[i:i + b.size], mode="clip")
+    return out
 
 
 def _fold_lookup(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    table = lookup_table(w.dtype, spec).numpy()
-    bits = w.contiguous().view(torch.int16).numpy().reshape(-1).view(np.uint16)
-    out = np.empty(bits.shape, dtype=np.int16)
-    for i in range(0, bits.size, CPU_CHUNK_ELEMS):  # cache-sized index pieces: ~a copy's speed
-        np.take(table, bits[i:i + CPU_CHUNK_ELEMS].astype(np.intp), out=out[i:i + CPU_CHUNK_ELEMS], mode="clip")
+    out = _gather(lookup_table(w.dtype, spec).numpy(), _bits(w), np.empty(w.numel(), np.int16))
     return torch.from_numpy(out).view(w.dtype).reshape(w.shape)
 
 
