@@ -69,8 +69,8 @@ def test_cpu_unsplittable_layouts_fall_back_to_formats():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_off_grid_count_fast_is_formats_count(dtype, monkeypatch):
-    monkeypatch.setattr(kernels, "CPU_CHUNK_ELEMS", 4096)
-    w = _weight((300, 260), dtype)
+    monkeypatch.setattr(kernels, "CPU_CHUNK_ELEMS", 8192)
+    w = _weight((160, 130), dtype)
     w[5, :3] = torch.tensor([math.nan, math.inf, -math.inf]).to(dtype)
     for spec in _specs(w.nan_to_num(0.0, 0.0, 0.0)):
         half = fold(w, spec, "cpu").contiguous()

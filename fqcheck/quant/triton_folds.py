@@ -19,6 +19,19 @@ BLOCK = 2048  # elements per program of the scaled kernel
 
 
 @triton.jit
+def _clamp(v, lo, hi):
+    """torch.clamp on CUDA: NaN passes, else min(max(v, lo), hi) with the same max/min instructions
+    (which also decide the sign of a zero)."""
+    return tl.where(v != v, v, tl.minimum(tl.maximum(v, lo), hi))
+
+
+@triton.jit
+def _clamp_max(v, hi):
+    """torch.clamp(v, max=hi) on CUDA."""
+    return tl.where(v != v, v, tl.minimum(v, hi))
+
+
+@triton.jit
 def _scaled_kernel(x_ptr, out_ptr, s_ptr, d_ptr, cols, per_row, lo, hi,
                    FP8: tl.constexpr, SCALE: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
     """FP8 / INT with one scale per tensor (SCALE 0), per row (1), per column (2) or per static
@@ -38,14 +51,9 @@ def _scaled_kernel(x_ptr, out_ptr, s_ptr, d_ptr, cols, per_row, lo, hi,
     s = tl.load(s_ptr + k, mask=m, other=1.0)
     d = tl.load(d_ptr + k, mask=m, other=1.0)
     if FP8:
-        v = x * s
-        v = tl.minimum(tl.maximum(v, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
-                       propagate_nan=tl.PropagateNan.ALL)
-        y = v.to(tl.float8e4nv).to(tl.float32) * d
+        y = _clamp(x * s, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * d
     else:
-        q = libdevice.rint(x * s)
-        q = tl.minimum(tl.maximum(q, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
-        y = libdevice.div_rn(q, d)
+        y = libdevice.div_rn(_clamp(libdevice.rint(x * s), lo, hi), d)
     tl.store(out_ptr + row * cols + c, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -53,7 +61,7 @@ def _scaled_kernel(x_ptr, out_ptr, s_ptr, d_ptr, cols, per_row, lo, hi,
 def _fp4_round(a):
     """formats._fp4_round_magnitude (tie=0): E2M1 round half to even, saturating at 6."""
     step = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))
-    return tl.minimum(libdevice.rint(libdevice.div_rn(a, step)) * step, 6.0)
+    return _clamp_max(libdevice.rint(libdevice.div_rn(a, step)) * step, 6.0)
 
 
 @triton.jit
@@ -75,12 +83,12 @@ def _block_kernel(x_ptr, out_ptr, nblocks, g, six_g, inv_elem_max,
     xa = tl.abs(x)
     if FMT == 0:
         bmax = tl.max(xa, axis=1)
-        s = tl.minimum(libdevice.div_rn(bmax, six_g), 448.0).to(tl.float8e4nv).to(tl.float32) * g
+        s = _clamp_max(libdevice.div_rn(bmax, six_g), 448.0).to(tl.float8e4nv).to(tl.float32) * g
         s = tl.where(s >= 1e-5, s, 1.0)
         q = _fp4_round(libdevice.div_rn(xa, s[:, None])) * s[:, None]
         y = tl.where(x >= 0, q, 0.0 - q)
     else:
-        bmax = tl.max(tl.minimum(xa, 3.4028234663852886e38), axis=1)
+        bmax = tl.max(_clamp_max(xa, 3.4028234663852886e38), axis=1)
         bits = (bmax * inv_elem_max).to(tl.int32, bitcast=True)
         field = (bits >> 23) & 0xFF
         sig = bits & 0x7FFFFF
@@ -90,7 +98,7 @@ def _block_kernel(x_ptr, out_ptr, nblocks, g, six_g, inv_elem_max,
         e = tl.where(scaled, e, 0)
         a = xa * _pow2(-e)[:, None]
         if FMT == 1:
-            q = tl.minimum(a, 448.0).to(tl.float8e4nv).to(tl.float32)
+            q = _clamp_max(a, 448.0).to(tl.float8e4nv).to(tl.float32)
         else:
             q = _fp4_round(a)
         y = q * _pow2(e)[:, None]
