@@ -5,9 +5,10 @@ one place that makes it fast, and the rest of fqcheck calls only `fold_fast`:
 - CPU, per-tensor FP8/INT on a 16-bit weight: the fold is then a function of the element's 16 bits
   alone, so it is computed by formats.quantize once for all 65,536 bit patterns and applied as a
   table lookup (one gather pass instead of ~8 float32 passes; identical by construction).
-- CPU, everything else: formats.quantize over row chunks of 64K elements on one thread, so the
-  intermediate float32 passes stay in cache instead of streaming full-size tensors through memory
-  (3-7x formats.fold on the 2-core CI machine, see bench/README.md).
+- CPU, everything else: formats.quantize over row chunks of 64K elements, each on one thread, so
+  the intermediate float32 passes stay in cache instead of streaming full-size tensors through
+  memory (3-5x formats.fold on the 2-core CI machine: README, Performance). Chunks (and lookup
+  pieces) are spread over torch's thread count.
 - CUDA: one fused Triton pass per format (quant/triton_folds.py), fed through reused page-locked
   staging buffers with copies overlapped with compute (quant/staging.py); formats.fold where Triton
   is missing or the layout is one the kernels do not cover.
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -25,6 +28,8 @@ import torch
 from .formats import QuantSpec, _broadcast_amax, fold, off_grid_count, quantize, variants
 
 CPU_CHUNK_ELEMS = 1 << 16  # elements per CPU chunk: 256 KB of float32 per pass, inside an L2
+_local = threading.local()
+_pools: dict = {}
 
 
 def fold_fast(w: torch.Tensor, spec: QuantSpec, device: torch.device | str | None = None) -> torch.Tensor:
@@ -40,26 +45,45 @@ def fold_fast(w: torch.Tensor, spec: QuantSpec, device: torch.device | str | Non
 @contextlib.contextmanager
 def _one_thread():
     """Cache-sized pieces lose more to waking torch's thread pool than they gain from it (on a
-    busy 2-core machine a parallel op on 64K elements can wait a whole scheduler slice)."""
+    busy 2-core machine a parallel op on 64K elements can wait a whole scheduler slice): torch
+    runs each piece on one thread, and the pieces are spread over as many threads as torch had
+    (its default: the cores; set_num_threads / OMP_NUM_THREADS choose), which this yields."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
 
 
+def _spread(fn, items, jobs: int) -> list:
+    """fn(item) for every item, dealt round-robin to `jobs` threads of a pool kept for the process
+    (torch and numpy release the GIL; one task per thread, not per item); the results in no
+    particular order."""
+    items = list(items)
+    jobs = min(jobs, len(items))
+    if jobs <= 1:
+        return [fn(it) for it in items]
+    if jobs not in _pools:
+        _pools[jobs] = ThreadPoolExecutor(jobs, thread_name_prefix="fqcheck-fold")
+    parts = _pools[jobs].map(lambda k: [fn(it) for it in items[k::jobs]], range(jobs))
+    return [r for part in parts for r in part]
+
+
 def fold_cpu(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     w = w.cpu()
-    with _one_thread():
+    with _one_thread() as jobs:
         if _lookup_ok(w, spec):
-            return _fold_lookup(w, spec)
+            return _fold_lookup(w, spec, jobs)
         pieces = row_specs(w, spec, CPU_CHUNK_ELEMS)
         if pieces is None:
             return fold(w, spec, "cpu")
         out = torch.empty_like(w)
-        for r0, r1, s in pieces:
+
+        def piece(p):
+            r0, r1, s = p
             out[r0:r1] = quantize(w[r0:r1].to(torch.float32), s).to(w.dtype)
+        _spread(piece, pieces, jobs)
         return out
 
 
@@ -71,19 +95,19 @@ def off_grid_count_fast(w: torch.Tensor, spec: QuantSpec, device=None) -> int:
     if dev.type == "cuda":
         return off_grid_count(w, spec, dev)
     w = w.cpu()
-    with _one_thread():
+    with _one_thread() as jobs:
         if _lookup_ok(w, spec):
             x = _all_bit_patterns(w.dtype)
             off = torch.ones(x.shape, dtype=torch.bool)
             for v in range(variants(spec)):
                 f = quantize(x.to(torch.float32), spec, v).to(w.dtype)
                 off &= (x != f) & ~(torch.isnan(x) & torch.isnan(f))
-            hits = _gather(off.numpy().view(np.uint8), _bits(w), np.empty(w.numel(), np.uint8))
+            hits = _gather(off.numpy().view(np.uint8), _bits(w), np.empty(w.numel(), np.uint8), jobs)
             return int(np.count_nonzero(hits))
         pieces = row_specs(w, spec, CPU_CHUNK_ELEMS)
         if pieces is None:
             return off_grid_count(w, spec, "cpu")
-        return sum(off_grid_count(w[r0:r1], s, "cpu") for r0, r1, s in pieces)
+        return sum(_spread(lambda p: off_grid_count(w[p[0]:p[1]], p[2], "cpu"), pieces, jobs))
 
 
 def _lookup_ok(w: torch.Tensor, spec: QuantSpec) -> bool:
@@ -108,18 +132,22 @@ def _bits(w: torch.Tensor) -> np.ndarray:
     return w.contiguous().view(torch.int16).numpy().reshape(-1).view(np.uint16)
 
 
-def _gather(table: np.ndarray, bits: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out[i] = table[bits[i]], through one reused cache-sized index buffer (~a copy's speed)."""
-    idx = np.empty(min(bits.size, CPU_CHUNK_ELEMS), dtype=np.intp)
-    for i in range(0, bits.size, CPU_CHUNK_ELEMS):
+def _gather(table: np.ndarray, bits: np.ndarray, out: np.ndarray, jobs: int) -> np.ndarray:
+    """out[i] = table[bits[i]] in cache-sized pieces, each through its thread's reused index
+    buffer (~a copy's speed per thread)."""
+    def piece(i):
+        idx = getattr(_local, "idx", None)
+        if idx is None or idx.size < CPU_CHUNK_ELEMS:
+            idx = _local.idx = np.empty(CPU_CHUNK_ELEMS, dtype=np.intp)
         b = bits[i:i + CPU_CHUNK_ELEMS]
         np.copyto(idx[:b.size], b, casting="unsafe")
         np.take(table, idx[:b.size], out=out[i:i + b.size], mode="clip")
+    _spread(piece, range(0, bits.size, CPU_CHUNK_ELEMS), jobs)
     return out
 
 
-def _fold_lookup(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    out = _gather(lookup_table(w.dtype, spec).numpy(), _bits(w), np.empty(w.numel(), np.int16))
+def _fold_lookup(w: torch.Tensor, spec: QuantSpec, jobs: int) -> torch.Tensor:
+    out = _gather(lookup_table(w.dtype, spec).numpy(), _bits(w), np.empty(w.numel(), np.int16), jobs)
     return torch.from_numpy(out).view(w.dtype).reshape(w.shape)
 
 
