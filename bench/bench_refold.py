@@ -10,6 +10,8 @@ them over) into page-locked output, against the pinned-copy limit: the same byte
 host -> GPU and GPU -> host at once on two streams (budget >= 60 %); formats.fold shown beside it.
 
     python3 bench/bench_refold.py [--rows 8192 --cols 8192 --count 4] [--out result.json]
+    python3 bench/bench_refold.py --cpu [--rows 4096 --cols 4096 --count 1]   (no GPU: fold_fast vs formats.fold
+                                         on the CPU, bit identity checked; exits 1 on a difference)
 """
 from __future__ import annotations
 
@@ -119,13 +121,41 @@ def pinned_limit(cpu_w, dev) -> float:
     return sum(w.numel() * w.element_size() for w in cpu_w) / best / 1e9
 
 
+def cpu_main(args) -> None:
+    g = torch.Generator().manual_seed(0)
+    ws = [(torch.randn(args.rows, args.cols, generator=g) * 0.02).to(torch.bfloat16) for _ in range(args.count)]
+    nbytes = sum(w.numel() * 2 for w in ws)
+    print(f"CPU, {torch.get_num_threads()} torch threads, {args.count} x bf16[{args.rows}x{args.cols}]")
+    print(f"{'format':11s} {'fold_fast GB/s':>14s} {'formats.fold GB/s':>17s} {'speed-up':>8s}")
+    bad = []
+    for name, spec in specs(ws[0]).items():
+        t = {}
+        for label, fn in (("fast", lambda w, s=spec: fold_fast(w, s, "cpu")), ("ref", lambda w, s=spec: fold(w, s, "cpu"))):
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                outs = [fn(w) for w in ws]
+                best = min(best, time.perf_counter() - t0)
+            t[label] = (nbytes / best / 1e9, outs)
+        n = sum(differing(a, b) for a, b in zip(t["fast"][1], t["ref"][1]))
+        if n:
+            bad.append(f"{name}: {n} differ")
+        print(f"{name:11s} {t['fast'][0]:14.3f} {t['ref'][0]:17.3f} {t['fast'][0] / t['ref'][0]:7.1f}x"
+              + (f"  {n} DIFFER" if n else ""))
+    if bad:
+        sys.exit("bench_refold --cpu: " + "; ".join(bad))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--cols", type=int, default=8192)
     ap.add_argument("--count", type=int, default=4)
+    ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.cpu:
+        return cpu_main(args)
     if not torch.cuda.is_available():
         sys.exit("bench_refold: needs a CUDA GPU")
     dev = torch.device("cuda")
