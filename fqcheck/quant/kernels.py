@@ -29,7 +29,6 @@ from .formats import QuantSpec, _broadcast_amax, fold, off_grid_count, quantize,
 
 CPU_CHUNK_ELEMS = 1 << 16  # elements per CPU chunk: 256 KB of float32 per pass, inside an L2
 _local = threading.local()
-_pools: dict = {}
 
 
 def fold_fast(w: torch.Tensor, spec: QuantSpec, device: torch.device | str | None = None) -> torch.Tensor:
@@ -57,16 +56,15 @@ def _one_thread():
 
 
 def _spread(fn, items, jobs: int) -> list:
-    """fn(item) for every item, dealt round-robin to `jobs` threads of a pool kept for the process
-    (torch and numpy release the GIL; one task per thread, not per item); the results in no
-    particular order."""
+    """fn(item) for every item, dealt round-robin to `jobs` threads (torch and numpy release the
+    GIL; one task per thread, not per item); the results in no particular order. The threads end
+    with the call: fqcheck forks its header readers only while no other thread runs."""
     items = list(items)
     jobs = min(jobs, len(items))
     if jobs <= 1:
         return [fn(it) for it in items]
-    if jobs not in _pools:
-        _pools[jobs] = ThreadPoolExecutor(jobs, thread_name_prefix="fqcheck-fold")
-    parts = _pools[jobs].map(lambda k: [fn(it) for it in items[k::jobs]], range(jobs))
+    with ThreadPoolExecutor(jobs, thread_name_prefix="fqcheck-fold") as pool:
+        parts = list(pool.map(lambda k: [fn(it) for it in items[k::jobs]], range(jobs)))
     return [r for part in parts for r in part]
 
 

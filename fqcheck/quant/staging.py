@@ -19,7 +19,6 @@ PIECE_BYTES = 32 << 20  # bytes of weight per staged piece
 SLOTS = 2               # pieces in flight per stage
 _stages: dict = {}
 _triton: dict = {}
-_pools: dict = {}
 
 
 def _folds():
@@ -96,9 +95,8 @@ def fold_cuda(w: torch.Tensor, spec: QuantSpec, dev: torch.device) -> torch.Tens
     if len(devices) == 1:
         run(0)
     else:
-        if len(devices) not in _pools:
-            _pools[len(devices)] = ThreadPoolExecutor(len(devices), thread_name_prefix="fqcheck-gpu")
-        list(_pools[len(devices)].map(run, range(len(devices))))
+        with ThreadPoolExecutor(len(devices), thread_name_prefix="fqcheck-gpu") as pool:
+            list(pool.map(run, range(len(devices))))
     return out
 
 
