@@ -40,16 +40,19 @@ def _scaled_kernel(x_ptr, out_ptr, s_ptr, d_ptr, cols, per_row, lo, hi,
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < cols
     x = tl.load(x_ptr + row * cols + c, mask=m, other=0.0).to(tl.float32)
-    if SCALE == 0:
-        k = tl.zeros_like(c)
+    if SCALE == 0:  # one scale: loaded once per program
+        s = tl.load(s_ptr)
+        d = tl.load(d_ptr)
     elif SCALE == 1:
-        k = tl.zeros_like(c) + row
+        s = tl.load(s_ptr + row)
+        d = tl.load(d_ptr + row)
     elif SCALE == 2:
-        k = c
+        s = tl.load(s_ptr + c, mask=m, other=1.0)
+        d = tl.load(d_ptr + c, mask=m, other=1.0)
     else:
         k = row * per_row + c // GROUP
-    s = tl.load(s_ptr + k, mask=m, other=1.0)
-    d = tl.load(d_ptr + k, mask=m, other=1.0)
+        s = tl.load(s_ptr + k, mask=m, other=1.0)
+        d = tl.load(d_ptr + k, mask=m, other=1.0)
     if FP8:
         y = _clamp(x * s, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * d
     else:
