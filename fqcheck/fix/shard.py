@@ -2,12 +2,14 @@
 tensors written from their producer. Memory is bounded by the copy buffer (plus a replaced tensor)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import struct
 from typing import Callable
 
+from ..checkpoint.data import ShardData
 from ..checkpoint.safetensors import MAX_HEADER_SIZE, SafetensorsHeader
 from .durable import write_all
 
@@ -57,13 +59,14 @@ def planned_size(header: SafetensorsHeader, drop: set[str], metadata) -> int:
 
 
 def write_shard(header: SafetensorsHeader, dst_fd: int, drop: set[str],
-                replace: dict[str, Callable[[memoryview], bytes]], metadata) -> int:
-    """Write the new file into dst_fd (an empty file); returns its size."""
+                replace: dict[str, Callable[[memoryview], object]], metadata) -> int:
+    """Write the new file into dst_fd (an empty file); returns its size. A producer in `replace` gets
+    a read-only view of the tensor's bytes and returns the new bytes as any buffer."""
     head, layout = new_header(header, drop, metadata)
     write_all(dst_fd, head, 0)
     base = len(head)
     mode = [_mode["m"]]  # this file's copy mode: a fallback (EXDEV...) holds for this file only
-    with open(header.path, "rb") as src:
+    with open(header.path, "rb") as src, _mapped(header, replace) as sd:
         sfd = src.fileno()
         run = None  # [src_off, dst_off, n]: untouched tensors contiguous in both files, copied at once
         for e, new_begin in layout:
@@ -71,7 +74,7 @@ def write_shard(header: SafetensorsHeader, dst_fd: int, drop: set[str],
                 if run:
                     copy_range(sfd, dst_fd, *run, mode)
                     run = None
-                _write_replaced(header, sfd, dst_fd, e, base + new_begin, replace[e.name])
+                _write_replaced(sd, dst_fd, e, base + new_begin, replace[e.name])
                 continue
             s, d = header.data_start + e.begin, base + new_begin
             if run and run[0] + run[2] == s and run[1] + run[2] == d:
@@ -88,23 +91,31 @@ def write_shard(header: SafetensorsHeader, dst_fd: int, drop: set[str],
     return size
 
 
-def _write_replaced(header, sfd, dst_fd, entry, dst_off, producer) -> None:
-    # the producer gets its own copy of the tensor's bytes (it may keep or reinterpret them);
-    # memory: one tensor, as the design allows
-    raw = bytearray(entry.nbytes)
-    view, off = memoryview(raw), header.data_start + entry.begin
-    while view:
-        k = os.preadv(sfd, [view], off)
-        if k == 0:
-            raise ShardWriteError(f"{entry.name}: source file ended early")
-        view, off = view[k:], off + k
+def _mapped(header, replace):
+    """The source mapped read-only when a producer needs tensor bytes (ShardData closes it)."""
+    if not replace:
+        return contextlib.nullcontext()
     try:
-        new = producer(memoryview(raw))
+        return ShardData(header)
+    except ValueError as e:  # emptied since its header was read
+        raise ShardWriteError(f"{header.path.name}: cannot map the source: {e}") from e
+
+
+def _write_replaced(sd: ShardData, dst_fd, entry, dst_off, producer) -> None:
+    # the producer reads the tensor's bytes in place from the read-only map and returns any
+    # buffer: it is written as it is (memory: the replaced tensor, as the design allows)
+    try:
+        raw = sd.view(entry)  # a shorter map (file shrunk since its header was read) gives a short view
+    except ValueError:
+        raw = b""
+    if len(raw) != entry.nbytes:
+        raise ShardWriteError(f"{entry.name}: source file ended early")
+    try:
+        new = memoryview(producer(raw)).cast("B")
     except Exception as e:  # noqa: BLE001 - e.g. a re-fold failing: roll back with one line
         raise ShardWriteError(f"{entry.name}: computing the new data failed: {type(e).__name__}: {e}") from e
-    if len(new) != entry.nbytes:
-        raise ShardWriteError(f"{entry.name}: replacement is {len(new)} bytes, expected {entry.nbytes}")
-    write_all(dst_fd, new, dst_off)
+    mode = [_mode["m"]]  # this file's copy mode: a fallback (EXDEV...) holds for this file only
+    with open(header.path, "rb") as src, _mapped(header, replace) as sd:
 
 
 def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int, state: list | None = None) -> None:

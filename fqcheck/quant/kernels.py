@@ -1,0 +1,179 @@
+"""fold_fast(w, spec, device): formats.fold at the speed of the hardware, bit for bit its result.
+
+formats.py is the reference: readable torch, one full-size float32 pass per step. This module is the
+one place that makes it fast, and the rest of fqcheck calls only `fold_fast`:
+- CPU, per-tensor FP8/INT on a 16-bit weight: the fold is then a function of the element's 16 bits
+  alone, so it is computed by formats.quantize once for all 65,536 bit patterns and applied as a
+  table lookup (one gather pass instead of ~8 float32 passes; identical by construction).
+- CPU, everything else: formats.quantize over row chunks of 64K elements, each on one thread, so
+  the intermediate float32 passes stay in cache instead of streaming full-size tensors through
+  memory (3-5x formats.fold on the 2-core CI machine: README, Performance). Chunks (and lookup
+  pieces) are spread over torch's thread count.
+- CUDA: one fused Triton pass per format (quant/triton_folds.py), fed through reused page-locked
+  staging buffers with copies overlapped with compute (quant/staging.py); formats.fold where Triton
+  is missing or the layout is one the kernels do not cover.
+Chunks never change the math: every format is elementwise or works on blocks along the last dim,
+and per-channel amax is sliced with the rows it belongs to.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .formats import QuantSpec, _broadcast_amax, fold, off_grid_count, quantize, variants
+
+CPU_CHUNK_ELEMS = 1 << 16  # elements per CPU chunk: 256 KB of float32 per pass, inside an L2
+_local = threading.local()
+
+
+def fold_fast(w: torch.Tensor, spec: QuantSpec, device: torch.device | str | None = None) -> torch.Tensor:
+    """formats.fold(w, spec, device) (variant 0): a CPU tensor in w's dtype and shape. `w` may be a
+    read-only view of a mapped file: it is never written."""
+    dev = torch.device(device) if device is not None else w.device
+    if dev.type == "cuda":
+        from .staging import fold_cuda
+        return fold_cuda(w, spec, dev)
+    return fold_cpu(w, spec)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Cache-sized pieces lose more to waking torch's thread pool than they gain from it (on a
+    busy 2-core machine a parallel op on 64K elements can wait a whole scheduler slice): torch
+    runs each piece on one thread, and the pieces are spread over as many threads as torch had
+    (its default: the cores; set_num_threads / OMP_NUM_THREADS choose), which this yields."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _spread(fn, items, jobs: int) -> list:
+    """fn(item) for every item, dealt round-robin to `jobs` threads (torch and numpy release the
+    GIL; one task per thread, not per item); the results in no particular order. The threads end
+    with the call: fqcheck forks its header readers only while no other thread runs."""
+    items = list(items)
+    jobs = min(jobs, len(items))
+    if jobs <= 1:
+        return [fn(it) for it in items]
+    with ThreadPoolExecutor(jobs, thread_name_prefix="fqcheck-fold") as pool:
+        parts = list(pool.map(lambda k: [fn(it) for it in items[k::jobs]], range(jobs)))
+    return [r for part in parts for r in part]
+
+
+def fold_cpu(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    w = w.cpu()
+    with _one_thread() as jobs:
+        if _lookup_ok(w, spec):
+            return _fold_lookup(w, spec, jobs)
+        pieces = row_specs(w, spec, CPU_CHUNK_ELEMS)
+        if pieces is None:
+            return fold(w, spec, "cpu")
+        out = torch.empty_like(w)
+
+        def piece(p):
+            r0, r1, s = p
+            out[r0:r1] = quantize(w[r0:r1].to(torch.float32), s).to(w.dtype)
+        _spread(piece, pieces, jobs)
+        return out
+
+
+def off_grid_count_fast(w: torch.Tensor, spec: QuantSpec, device=None) -> int:
+    """formats.off_grid_count(w, spec, device), the same way on the CPU: one lookup pass for a
+    per-tensor scale on a 16-bit weight (the table says, per bit pattern, whether no variant of the
+    fold reproduces it), else row chunks. On CUDA it is formats.off_grid_count."""
+    dev = torch.device(device) if device is not None else w.device
+    if dev.type == "cuda":
+        return off_grid_count(w, spec, dev)
+    w = w.cpu()
+    with _one_thread() as jobs:
+        if _lookup_ok(w, spec):
+            x = _all_bit_patterns(w.dtype)
+            off = torch.ones(x.shape, dtype=torch.bool)
+            for v in range(variants(spec)):
+                f = quantize(x.to(torch.float32), spec, v).to(w.dtype)
+                off &= (x != f) & ~(torch.isnan(x) & torch.isnan(f))
+            hits = _gather(off.numpy().view(np.uint8), _bits(w), np.empty(w.numel(), np.uint8), jobs)
+            return int(np.count_nonzero(hits))
+        pieces = row_specs(w, spec, CPU_CHUNK_ELEMS)
+        if pieces is None:
+            return off_grid_count(w, spec, "cpu")
+        return sum(_spread(lambda p: off_grid_count(w[p[0]:p[1]], p[2], "cpu"), pieces, jobs))
+
+
+def _lookup_ok(w: torch.Tensor, spec: QuantSpec) -> bool:
+    """The fold is a function of each element alone: a per-tensor scale and no blocks."""
+    elementwise = spec.fmt == "fp8" or (spec.fmt == "int" and not spec.block_size)
+    return (elementwise and spec.amax is not None and spec.amax.numel() == 1
+            and w.is_floating_point() and w.element_size() == 2 and w.numel() > (1 << 16))
+
+
+def _all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
+    """The 65,536 values of a 16-bit dtype, entry u holding the value whose bits are u."""
+    return torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16)).view(dtype)
+
+
+def lookup_table(dtype: torch.dtype, spec: QuantSpec, device="cpu") -> torch.Tensor:
+    """int16 table: entry u is the folded bits of the weight whose bits are u (0..65535)."""
+    x = _all_bit_patterns(dtype).to(device)
+    return quantize(x.to(torch.float32), spec).to(dtype).view(torch.int16)
+
+
+def _bits(w: torch.Tensor) -> np.ndarray:
+    return w.contiguous().view(torch.int16).numpy().reshape(-1).view(np.uint16)
+
+
+def _gather(table: np.ndarray, bits: np.ndarray, out: np.ndarray, jobs: int) -> np.ndarray:
+    """out[i] = table[bits[i]] in cache-sized pieces, each through its thread's reused index
+    buffer (~a copy's speed per thread)."""
+    def piece(i):
+        idx = getattr(_local, "idx", None)
+        if idx is None or idx.size < CPU_CHUNK_ELEMS:
+            idx = _local.idx = np.empty(CPU_CHUNK_ELEMS, dtype=np.intp)
+        b = bits[i:i + CPU_CHUNK_ELEMS]
+        np.copyto(idx[:b.size], b, casting="unsafe")
+        np.take(table, idx[:b.size], out=out[i:i + b.size], mode="clip")
+    _spread(piece, range(0, bits.size, CPU_CHUNK_ELEMS), jobs)
+    return out
+
+
+def _fold_lookup(w: torch.Tensor, spec: QuantSpec, jobs: int) -> torch.Tensor:
+    out = _gather(lookup_table(w.dtype, spec).numpy(), _bits(w), np.empty(w.numel(), np.int16), jobs)
+    return torch.from_numpy(out).view(w.dtype).reshape(w.shape)
+
+
+def row_specs(w: torch.Tensor, spec: QuantSpec, elems: int):
+    """[(r0, r1, spec for rows r0:r1)] covering a 2-D weight in chunks of about `elems` elements, or
+    None when the layout does not split by rows (then the caller folds the whole tensor with
+    formats.fold, which also raises its errors)."""
+    if w.dim() != 2 or not w.numel():
+        return None
+    rows = w.shape[0]
+    step = max(1, elems // w.shape[1])
+    amax = spec.amax
+    if amax is None or amax.numel() == 1 or spec.fmt == "nvfp4":  # nvfp4: one global amax, reduced
+        part = lambda r0, r1: spec  # noqa: E731
+    elif spec.fmt == "int" and spec.block_size:
+        per_row = -(-w.shape[1] // spec.block_size)
+        if amax.numel() != rows * per_row:
+            return None
+        a = amax.reshape(rows, per_row)
+        part = lambda r0, r1: dataclasses.replace(spec, amax=a[r0:r1].reshape(-1, 1))  # noqa: E731
+    else:
+        try:
+            a = _broadcast_amax(amax.to(torch.float32).cpu(), w)
+        except ValueError:
+            return None
+        if a.dim() != 2 or a.shape[1] not in (1, w.shape[1]) or a.shape[0] not in (1, rows):
+            return None
+        # keep 2-D (keepdim) so a chunk whose row count equals the column count cannot re-pick the axis
+        part = (lambda r0, r1: dataclasses.replace(spec, amax=a[r0:r1])) if a.shape[0] == rows > 1 \
+            else (lambda r0, r1: dataclasses.replace(spec, amax=a))
+    return [(r0, min(r0 + step, rows), part(r0, min(r0 + step, rows))) for r0 in range(0, rows, step)]

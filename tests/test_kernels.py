@@ -1,0 +1,117 @@
+"""quant.kernels.fold_fast / off_grid_count_fast: formats.fold and formats.off_grid_count bit for
+bit, on the CPU (lookup table, row chunks) and on the GPU (Triton passes, staged pipeline)."""
+import math
+
+import pytest
+import torch
+
+from fqcheck.quant import kernels
+from fqcheck.quant.formats import QuantSpec, differing, fold, off_grid_count
+from fqcheck.quant.kernels import fold_fast, off_grid_count_fast
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def _weight(shape, dtype, seed=0, special=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g) * 0.3
+    if special:
+        w.view(-1)[:6] = torch.tensor([0.0, -0.0, 1e-30, -1e-8, 2 ** -24, 2 ** -25])
+        if len(shape) == 2 and shape[0] > 3:
+            w[3] = 0.0  # an all-zero channel (amax 0)
+            w[2, :8] = torch.linspace(-3, 3, 8)  # exact ties at this scale
+    return w.to(dtype)
+
+
+def _specs(w):
+    x = w.float()
+    pad = (-x.shape[-1]) % 32
+    blocks = torch.nn.functional.pad(x, (0, pad)).reshape(-1, 32).abs().amax(1, keepdim=True)
+    return [QuantSpec("fp8", x.abs().amax()), QuantSpec("fp8", x.abs().amax(1, keepdim=True)),
+            QuantSpec("fp8", x.abs().amax(0)), QuantSpec("int", x.abs().amax(), 8, False, False),
+            QuantSpec("int", x.abs().amax(1, keepdim=True), 8, False, True),
+            QuantSpec("int", x.abs().amax(0, keepdim=True), 4, True, True),
+            QuantSpec("int", blocks, 4, False, True, 32), QuantSpec("nvfp4", x.abs().amax(), block_size=16),
+            QuantSpec("mxfp8", None, block_size=32), QuantSpec("mxfp4", None, block_size=32)]
+
+
+def _same(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert differing(a, b) == 0, f"{what}: {differing(a, b)} of {a.numel()} differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_fold_fast_is_formats_fold_bit_for_bit(dtype, monkeypatch):
+    monkeypatch.setattr(kernels, "CPU_CHUNK_ELEMS", 1000)  # many pieces, a ragged last one
+    for shape in ((300, 260), (64, 136)):
+        w = _weight(shape, dtype)
+        for spec in _specs(w):
+            _same(fold_fast(w, spec, "cpu"), fold(w, spec, "cpu"), f"{dtype} {shape} {spec.name}")
+
+
+def test_cpu_lookup_covers_every_bit_pattern_nan_and_inf():
+    """The table path folds all 65,536 bf16 values, NaN and Inf included, exactly as formats does."""
+    w = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    w = torch.cat([w, w]).reshape(512, 256)
+    for spec in (QuantSpec("fp8", torch.tensor(2.9)), QuantSpec("int", torch.tensor(0.7), 8, False, True)):
+        assert kernels._lookup_ok(w, spec)
+        _same(fold_fast(w, spec, "cpu"), fold(w, spec, "cpu"), spec.name)
+
+
+def test_cpu_unsplittable_layouts_fall_back_to_formats():
+    w3 = _weight((4, 6, 32), torch.bfloat16)
+    spec = QuantSpec("nvfp4", w3.float().abs().amax(), block_size=16)
+    _same(fold_fast(w3, spec, "cpu"), fold(w3, spec, "cpu"), "3-D")
+    bad = QuantSpec("int", torch.ones(7, 1), 4, False, True, 32)  # amax does not fit: formats' error
+    with pytest.raises(ValueError):
+        fold_fast(_weight((64, 64), torch.bfloat16), bad, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_off_grid_count_fast_is_formats_count(dtype, monkeypatch):
+    monkeypatch.setattr(kernels, "CPU_CHUNK_ELEMS", 8192)
+    w = _weight((160, 130), dtype)
+    w[5, :3] = torch.tensor([math.nan, math.inf, -math.inf]).to(dtype)
+    for spec in _specs(w.nan_to_num(0.0, 0.0, 0.0)):
+        half = fold(w, spec, "cpu").contiguous()
+        half.view(-1)[::3] = w.reshape(-1)[::3]
+        for x in (w, half):
+            assert off_grid_count_fast(x, spec, "cpu") == off_grid_count(x, spec, "cpu"), spec.name
+
+
+# ---- CUDA: Triton passes and the staged pipeline against formats on the same GPU ------------------
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("triton", ["1", "0"])
+def test_cuda_fold_fast_is_formats_fold_bit_for_bit(dtype, triton, monkeypatch):
+    from fqcheck.quant import staging
+    monkeypatch.setenv("FQCHECK_TRITON", triton)
+    monkeypatch.setattr(staging, "_triton", {})
+    monkeypatch.setattr(staging, "PIECE_BYTES", 64 << 10)  # several pieces through both slots
+    for seed, shape in enumerate(((300, 256), (512, 160), (64, 136), (1000, 96))):
+        w = _weight(shape, dtype, seed)
+        for spec in _specs(w):
+            _same(fold_fast(w, spec, "cuda"), fold(w, spec, "cuda"), f"{dtype} {shape} {spec.name} triton={triton}")
+    if triton == "1":
+        assert staging._folds() is not None, "Triton did not load on the GPU machine"
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_fold_fast_result_is_page_locked_and_input_untouched():
+    w = _weight((256, 256), torch.bfloat16)
+    before = w.clone()
+    out = fold_fast(w, QuantSpec("nvfp4", w.float().abs().amax(), block_size=16), "cuda")
+    assert out.is_pinned() and out.device.type == "cpu" and torch.equal(w.view(torch.int16), before.view(torch.int16))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_without_an_index_spreads_the_pieces_over_every_gpu(monkeypatch):
+    from fqcheck.quant import staging
+    monkeypatch.setattr(staging, "PIECE_BYTES", 64 << 10)
+    w = _weight((1024, 256), torch.bfloat16)
+    for spec in _specs(w):
+        _same(fold_fast(w, spec, "cuda"), fold(w, spec, "cuda:0"), spec.name)
+    assert {k[0] for k in staging._stages if k[1] == 64 << 10} == set(range(torch.cuda.device_count()))
