@@ -114,8 +114,9 @@ def _write_replaced(sd: ShardData, dst_fd, entry, dst_off, producer) -> None:
         new = memoryview(producer(raw)).cast("B")
     except Exception as e:  # noqa: BLE001 - e.g. a re-fold failing: roll back with one line
         raise ShardWriteError(f"{entry.name}: computing the new data failed: {type(e).__name__}: {e}") from e
-    mode = [_mode["m"]]  # this file's copy mode: a fallback (EXDEV...) holds for this file only
-    with open(header.path, "rb") as src, _mapped(header, replace) as sd:
+    if new.nbytes != entry.nbytes:
+        raise ShardWriteError(f"{entry.name}: replacement is {new.nbytes} bytes, expected {entry.nbytes}")
+    write_all(dst_fd, new, dst_off)
 
 
 def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int, state: list | None = None) -> None:
