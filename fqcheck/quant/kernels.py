@@ -35,6 +35,8 @@ def fold_fast(w: torch.Tensor, spec: QuantSpec, device: torch.device | str | Non
     """formats.fold(w, spec, device) (variant 0): a CPU tensor in w's dtype and shape. `w` may be a
     read-only view of a mapped file: it is never written."""
     dev = torch.device(device) if device is not None else w.device
+    if not isinstance(spec, QuantSpec):  # a Chain (SequentialQuantizer, AWQ scale): the reference
+        return fold(w, spec, dev).cpu()
     if dev.type == "cuda":
         from .staging import fold_cuda
         return fold_cuda(w, spec, dev)
@@ -90,7 +92,7 @@ def off_grid_count_fast(w: torch.Tensor, spec: QuantSpec, device=None) -> int:
     per-tensor scale on a 16-bit weight (the table says, per bit pattern, whether no variant of the
     fold reproduces it), else row chunks. On CUDA it is formats.off_grid_count."""
     dev = torch.device(device) if device is not None else w.device
-    if dev.type == "cuda":
+    if dev.type == "cuda" or not isinstance(spec, QuantSpec):  # a Chain: the reference count
         return off_grid_count(w, spec, dev)
     w = w.cpu()
     with _one_thread() as jobs:
