@@ -55,7 +55,7 @@ def test_every_format_escapes(hostile, fmt):
     assert "\udcff" not in text and "Traceback" not in out.stderr.decode()
     if fmt == "github":  # one command per finding: nothing starts a line of its own
         lines = text.splitlines()
-        assert lines and all(re.match(r"::(error|warning|notice) file=[^:]*,title=[A-Z]+\d+::", ln) for ln in lines)
+        assert lines and all(re.match(r"::(error|warning|notice) file=[^:]*,title=[A-Z]+\d+ [a-z0-9-]+::", ln) for ln in lines)
         assert not any("::pwned" in ln.split("::", 2)[1] for ln in lines)
     if fmt == "json":
         assert json.loads(text)["summary"]["errors"] >= 3

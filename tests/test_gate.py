@@ -144,9 +144,10 @@ def test_github_lines(damaged):
     lines = r.stdout.splitlines()
     parsed = sorted(GH_LINE.match(line).groups() for line in lines)
     assert len(parsed) == 2
-    assert parsed[0][:3] == ("error", "ckpt/model.safetensors", "SFT004")
-    assert parsed[0][3].startswith("SFT004 model.norm.weight: file is truncated")
-    assert parsed[1][:3] == ("notice", "ckpt/extra.safetensors", "SFT006")
+    assert parsed[0][:3] == ("error", "ckpt/model.safetensors", "SFT004 data-buffer-mismatch")
+    assert parsed[0][3].startswith("model.norm.weight: file is truncated")  # the code once, in the title
+    assert parsed[1][:3] == ("notice", "ckpt/extra.safetensors", "SFT006 bad-safetensors-metadata")
+    assert all(line.count("SFT00") == 1 for line in lines)
 
 
 def test_hostile_names_are_escaped(tmp_path, monkeypatch):
@@ -159,7 +160,7 @@ def test_hostile_names_are_escaped(tmp_path, monkeypatch):
     m = GH_LINE.match(line)
     assert m, line
     assert m.group(2) == "a%2Cb%3Ac.safetensors"
-    assert m.group(4).startswith("SFT002 w%25%0Ax: ")
+    assert m.group(4).startswith("w%25%0Ax: ")
     log = json.loads(run_cli("lint", ".", "--select", "SFT002", "-f", "sarif").stdout)
     [res] = log["runs"][0]["results"]
     assert res["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "a%2Cb%3Ac.safetensors"

@@ -1,5 +1,6 @@
-"""GitHub Actions workflow commands: one `::error file=...,title=CODE::message` line per finding,
-which the runner turns into annotations on the run and the pull request."""
+"""GitHub Actions workflow commands: one `::error file=...,title=CODE name::message` line per
+finding, which the runner turns into annotations on the run and the pull request (the code once, in
+the title; the message says what is wrong)."""
 from __future__ import annotations
 
 from ..api import Report
@@ -23,7 +24,9 @@ def escape_property(s: str) -> str:
 def render(report: Report, **_) -> str:
     lines, locate = [], locator(report)
     for f in report.findings:
-        where = f"{f.tensor}: " if f.tensor else ""
-        props = f"file={escape_property(locate(f))},title={escape_property(f.code)}"
-        lines.append(f"::{COMMAND[f.severity]} {props}::{escape_data(f'{f.code} {where}{f.message}')}")
+        where = f"{f.tensor}: " if f.tensor and f.tensor not in f.message else ""
+        rule = report.rules.get(f.code)
+        title = f"{f.code} {rule.name}" if rule is not None else f.code
+        props = f"file={escape_property(locate(f))},title={escape_property(title)}"
+        lines.append(f"::{COMMAND[f.severity]} {props}::{escape_data(where + f.message)}")
     return "".join(line + "\n" for line in lines)
