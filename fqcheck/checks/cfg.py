@@ -60,10 +60,9 @@ def auto_map(ckpt: Checkpoint) -> Iterator[Hit]:
             local.append(r.rsplit(".", 1)[0] + ".py")
     missing = sorted({f for f in local if f not in ckpt.names})
     if missing:
-        yield Hit(f"auto_map names code file(s) missing from the directory: {', '.join(missing)}; "
-                  f"with trust_remote_code=True transformers 5 and vLLM 0.32 fail with OSError: {ckpt.root} "
-                  f"does not appear to have a file named {missing[0]}; without it both ignore auto_map "
-                  "and load the built-in class for model_type",
+        # what loaders do with it (OSError only with trust_remote_code): CFG002's page
+        yield Hit(f"auto_map names code file(s) missing from the directory: {', '.join(missing)}; loading "
+                  "with trust_remote_code=True fails with OSError",
                   file=CONFIG_NAME, severity="error", fixable="safe", fix=fix)
         return
     where = []

@@ -499,10 +499,9 @@ def stale_shard(ckpt: Checkpoint) -> Iterator[Hit]:
                         "index is stale: check which is current (rebuilding the index would include it)",
                         file=f, fixable="no")
         else:
-            yield _hit(f"{f} is not named by the index (stale, from an earlier export): loaders that follow "
-                        "the index skip it, but it is uploaded and downloaded with the model and anything "
-                        "that globs *.safetensors (vLLM whenever the index is missing) loads its old tensors "
-                        "as duplicates; retire the file", file=f, fix=RetireFile(f))
+            # why it matters (uploaded with the model, globbed when the index is missing): IDX008's page
+            yield _hit(f"{f} is not named by the index (stale, from an earlier export); every tensor it "
+                        "holds is in a named shard: retire the file", file=f, fix=RetireFile(f))
 
 
 @check("IDX009")
