@@ -43,7 +43,7 @@ def build(d: Path, size_gb: float, shards: int, tensor_mb: int) -> int:
             rows = len(block) // 2 // 4096
             hdr[w] = {"dtype": "BF16", "shape": [rows, 4096], "data_offsets": [pos, pos + len(block)]}
             pos += len(block)
-            for q in ("input_quantizer", "weight_quantizer"):
+            for q in ("input_quantizer", "output_quantizer"):  # activation state: no weight to decide
                 a = f"model.layers.{layer}.mlp.down_proj.{q}._amax"
                 hdr[a] = {"dtype": "F32", "shape": [], "data_offsets": [pos, pos + 4]}
                 pos += 4
