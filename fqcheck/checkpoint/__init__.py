@@ -41,7 +41,7 @@ def preopen(path: str | os.PathLike) -> None:
     """Open a checkpoint directory and start reading its shard headers, for the next
     Checkpoint.open(path): `fqcheck lint` calls this first thing, so the reading overlaps its
     imports and set-up. Skipped (the later open does everything) for anything unusual, and when
-    a fix's journal is there: recovering it may rewrite the shards first."""
+    fqcheck's own folder is there: a fix may be renaming the shards right now."""
     p = Path(path)
     try:
         if p.is_dir() and not (p / BACKUP_DIR).exists():
