@@ -64,8 +64,8 @@ def fix(path: str | os.PathLike, *, unsafe_fixes: bool = False, dry_run: bool = 
 
     if dry_run:
         if pending(root):
-            raise FixError(f"{root}: an interrupted fix is pending; run `fqcheck fix` or `fqcheck lint` "
-                           "to finish it before planning")
+            raise FixError(f"{root}: an interrupted fix is pending; run `fqcheck fix` to finish it or "
+                           "`fqcheck restore` to roll it back before planning")
         report = relint()
         return FixResult(str(path), _plan(Checkpoint.open(path), report.findings, unsafe_fixes), dry_run=True)
     if output is not None:
