@@ -344,3 +344,14 @@ def test_output_onto_a_bad_path_is_a_one_line_error(tiny_llama, tmp_path, where)
     if where in ("inside", "same"):
         assert "outside the checkpoint" in r.stderr
     assert tree(d) == before and (tmp_path / "plain").read_text() == "x"
+
+
+def test_dry_run_and_output_refuse_a_pending_fix_and_write_nothing(tiny_llama, tmp_path):
+    d = tiny_llama
+    strip_metadata(d / "model.safetensors")
+    plant(d, journal(state="writing"))
+    before = tree(d)
+    for args in (["--dry-run"], ["--output", tmp_path / "copy"]):
+        r = run_cli("fix", d, *args)
+        assert r.returncode == 2 and "interrupted fix is pending" in r.stderr, r.stderr
+        assert tree(d) == before and not (tmp_path / "copy").exists()
