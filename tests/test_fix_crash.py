@@ -98,6 +98,18 @@ def test_kill_then_restore_gives_old(world, tmp_path, point):
     assert not (d / ".fqcheck").exists()
 
 
+def test_kill_during_the_recovery_fix_performs(world, tmp_path):
+    d = fresh(world, tmp_path)
+    assert run_cli("fix", d, "--rules", world[1], env={"FQCHECK_FAULT": "after-rename:2"}).returncode == -signal.SIGKILL
+    # the next fix rolls the journal forward: killed again after the first rename of that recovery
+    again = run_cli("fix", d, "--rules", world[1], env={"FQCHECK_FAULT": "after-rename:1"})
+    assert again.returncode == -signal.SIGKILL
+    assert state(d) not in (world[2], world[3])  # still mid-way
+    again = run_cli("fix", d, "--rules", world[1])
+    assert again.returncode == 0 and "rolled forward" in again.stdout, again.stdout + again.stderr
+    assert assert_old_or_new(d, world) == "new"
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_kill_at_random_point(world, tmp_path, seed):
     """Killed at the n-th fault point of any kind (n random among the len(POINTS) a fix of the world
