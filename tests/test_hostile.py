@@ -355,3 +355,14 @@ def test_dry_run_and_output_refuse_a_pending_fix_and_write_nothing(tiny_llama, t
         r = run_cli("fix", d, *args)
         assert r.returncode == 2 and "interrupted fix is pending" in r.stderr, r.stderr
         assert tree(d) == before and not (tmp_path / "copy").exists()
+
+
+def test_planted_files_in_the_backup_folder(tiny_llama):
+    d = tiny_llama
+    (d / ".fqcheck" / "backup").mkdir(parents=True)
+    (d / ".fqcheck" / "backup" / "20260101T000000Z").write_text("a file, not a backup folder")
+    strip_metadata(d / "model.safetensors")
+    assert fqcheck.fix(d).ok  # its recovery step skips what is not a real folder
+    out = run_cli("restore", d)
+    assert out.returncode == 0 and "model.safetensors" in out.stdout, out.stderr
+    assert (d / ".fqcheck" / "backup" / "20260101T000000Z").read_text() == "a file, not a backup folder"
