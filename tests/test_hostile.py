@@ -366,3 +366,16 @@ def test_planted_files_in_the_backup_folder(tiny_llama):
     out = run_cli("restore", d)
     assert out.returncode == 0 and "model.safetensors" in out.stdout, out.stderr
     assert (d / ".fqcheck" / "backup" / "20260101T000000Z").read_text() == "a file, not a backup folder"
+
+
+def test_backup_parent_that_is_a_link_is_refused(tiny_llama, outside):
+    d = tiny_llama
+    strip_metadata(d / "model.safetensors")
+    (outside / "bk").mkdir()
+    (d / ".fqcheck").mkdir()
+    os.symlink(outside / "bk", d / ".fqcheck" / "backup")
+    before = tree(d), tree(outside)
+    out = run_cli("fix", d)
+    assert out.returncode == 2 and "not a directory" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert (tree(d), tree(outside)) == before  # no temp file, no journal left behind
