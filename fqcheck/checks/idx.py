@@ -340,7 +340,7 @@ def missing_shard(ckpt: Checkpoint) -> Iterator[Hit]:
     for f, n in sorted(counts.items()):
         if v.missing[f] == NOT_SAFETENSORS:
             yield _hit(f"the index maps {_plural(n, 'tensor')} to {f}, which {NOT_SAFETENSORS}: transformers "
-                        "(5.x load_state_dict) reads a shard not named *.safetensors with torch.load, which "
+                        "5.24 (load_state_dict) reads a shard not named *.safetensors with torch.load, which "
                         "fails on a JSON file, and vLLM loads only the *.safetensors files the index names, so "
                         "it fails with 'Following weights were not initialized from checkpoint'; point the "
                         "entries at the safetensors shards that hold the tensors", file=f)
