@@ -71,11 +71,12 @@ def test_kill_at_point_then_fix_recovers(world, tmp_path, point):
     assert out.returncode == -signal.SIGKILL, (out.returncode, out.stderr)
     if point == "after-rename:2":
         assert state(d) not in (world[2], world[3])  # really killed mid-commit: a mix before recovery
-    before = _bytes(d)
-    lint = run_cli("lint", d, "--rules", rules)  # lint reports the interrupted fix and writes nothing
-    assert lint.returncode in (0, 1), lint.stderr
-    assert "interrupted fix" in lint.stderr and "fqcheck restore" in lint.stderr, lint.stderr
-    assert _bytes(d) == before
+    if point in ("after-temp-write:1", "after-rename:2", "after-journal-commit"):
+        before = _bytes(d)
+        lint = run_cli("lint", d, "--rules", rules)  # lint reports the interrupted fix and writes nothing
+        assert lint.returncode in (0, 1), lint.stderr
+        assert "interrupted fix" in lint.stderr and "fqcheck restore" in lint.stderr, lint.stderr
+        assert _bytes(d) == before
     again = run_cli("fix", d, "--rules", rules)  # the next fix finishes (or undoes) it, then fixes
     assert again.returncode == 0, again.stdout + again.stderr
     note = again.stdout.splitlines()[0]
@@ -97,31 +98,26 @@ def test_kill_then_restore_gives_old(world, tmp_path, point):
     assert not (d / ".fqcheck").exists()
 
 
-def _fault_points(world, tmp_path) -> int:
-    """How many fault points a clean fix of the world passes (kills are drawn among them)."""
-    d = tmp_path / "count"
-    shutil.copytree(world[0], d)
-    n = 1
-    while run_cli("fix", d, "--rules", world[1], "-q", env={"FQCHECK_FAULT": f"any:{n}"}).returncode == -signal.SIGKILL:
-        shutil.rmtree(d)
-        shutil.copytree(world[0], d)
-        n += 1
-    return n - 1
-
-
-@pytest.fixture(scope="module")
-def n_points(world, tmp_path_factory):
-    return _fault_points(world, tmp_path_factory.mktemp("count"))
+def test_kill_during_the_recovery_fix_performs(world, tmp_path):
+    d = fresh(world, tmp_path)
+    assert run_cli("fix", d, "--rules", world[1], env={"FQCHECK_FAULT": "after-rename:2"}).returncode == -signal.SIGKILL
+    # the next fix rolls the journal forward: killed again after the first rename of that recovery
+    again = run_cli("fix", d, "--rules", world[1], env={"FQCHECK_FAULT": "after-rename:1"})
+    assert again.returncode == -signal.SIGKILL
+    assert state(d) not in (world[2], world[3])  # still mid-way
+    again = run_cli("fix", d, "--rules", world[1])
+    assert again.returncode == 0 and "rolled forward" in again.stdout, again.stdout + again.stderr
+    assert assert_old_or_new(d, world) == "new"
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_kill_at_random_point(world, tmp_path, seed, n_points):
-    """Killed at the n-th fault point of any kind (n random: temp writes, fsyncs, renames, journal
-    writes), then killed again at a random point of the recovery the next fix performs."""
-    assert n_points >= 15  # 4 temp files written and fsynced, journal, 4 renames, commit
+def test_kill_at_random_point(world, tmp_path, seed):
+    """Killed at the n-th fault point of any kind (n random among the len(POINTS) a fix of the world
+    passes: temp writes, fsyncs, journal, renames, commit), then killed again at a random point of
+    the recovery the next fix performs."""
     d = fresh(world, tmp_path)
     rng = random.Random(seed)
-    out = run_cli("fix", d, "--rules", world[1], env={"FQCHECK_FAULT": f"any:{rng.randint(1, n_points)}"})
+    out = run_cli("fix", d, "--rules", world[1], env={"FQCHECK_FAULT": f"any:{rng.randint(1, len(POINTS))}"})
     assert out.returncode == -signal.SIGKILL
     out = run_cli("fix", d, "--rules", world[1], env={"FQCHECK_FAULT": f"after-rename:{rng.randint(1, 3)}"})
     assert out.returncode in (0, -signal.SIGKILL)

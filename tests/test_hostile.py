@@ -344,3 +344,38 @@ def test_output_onto_a_bad_path_is_a_one_line_error(tiny_llama, tmp_path, where)
     if where in ("inside", "same"):
         assert "outside the checkpoint" in r.stderr
     assert tree(d) == before and (tmp_path / "plain").read_text() == "x"
+
+
+def test_dry_run_and_output_refuse_a_pending_fix_and_write_nothing(tiny_llama, tmp_path):
+    d = tiny_llama
+    strip_metadata(d / "model.safetensors")
+    plant(d, journal(state="writing"))
+    before = tree(d)
+    for args in (["--dry-run"], ["--output", tmp_path / "copy"]):
+        r = run_cli("fix", d, *args)
+        assert r.returncode == 2 and "interrupted fix is pending" in r.stderr, r.stderr
+        assert tree(d) == before and not (tmp_path / "copy").exists()
+
+
+def test_planted_files_in_the_backup_folder(tiny_llama):
+    d = tiny_llama
+    (d / ".fqcheck" / "backup").mkdir(parents=True)
+    (d / ".fqcheck" / "backup" / "20260101T000000Z").write_text("a file, not a backup folder")
+    strip_metadata(d / "model.safetensors")
+    assert fqcheck.fix(d).ok  # its recovery step skips what is not a real folder
+    out = run_cli("restore", d)
+    assert out.returncode == 0 and "model.safetensors" in out.stdout, out.stderr
+    assert (d / ".fqcheck" / "backup" / "20260101T000000Z").read_text() == "a file, not a backup folder"
+
+
+def test_backup_parent_that_is_a_link_is_refused(tiny_llama, outside):
+    d = tiny_llama
+    strip_metadata(d / "model.safetensors")
+    (outside / "bk").mkdir()
+    (d / ".fqcheck").mkdir()
+    os.symlink(outside / "bk", d / ".fqcheck" / "backup")
+    before = tree(d), tree(outside)
+    out = run_cli("fix", d)
+    assert out.returncode == 2 and "not a directory" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert (tree(d), tree(outside)) == before  # no temp file, no journal left behind

@@ -140,14 +140,12 @@ def drop_journal(root: Path) -> None:
 
 
 def sweep_journal_temps(root: Path) -> None:
-    """Temp files of fqcheck's own durable writes in `.fqcheck/` (a kill or a full disk mid-write)."""
-    d = root / BACKUP_DIR
-    for name in (JOURNAL, LOCK):
-        for p in d.glob(f"{name}.tmp.*"):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
+    """Temp files of fqcheck's own journal writes in `.fqcheck/` (a kill or a full disk mid-write)."""
+    for p in (root / BACKUP_DIR).glob(f"{JOURNAL}.tmp.*"):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
 
 
 def load_manifest(path: Path) -> dict:

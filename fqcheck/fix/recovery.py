@@ -56,8 +56,8 @@ def _drop_unfinished_backups(root: Path) -> None:
     if b is None:
         return
     for d in b.iterdir():
-        if real_subdir(d) is None or d.is_symlink():
-            continue
+        if real_subdir(b, d.name) is None:
+            continue  # not a real directory: not fqcheck's
         for t in d.glob(f"{MANIFEST}.tmp.*"):
             t.unlink()  # a manifest write cut short
         if not os.path.lexists(d / MANIFEST) and not any(d.iterdir()):

@@ -17,8 +17,8 @@ def latest_backup(root: Path) -> Path | None:
     b = real_subdir(root, BACKUP_DIR, "backup")
     if b is None:
         return None
-    done = sorted(d for d in b.iterdir() if plain_name(d.name) and real_subdir(d) is not None
-                  and not d.is_symlink() and _is_file(d / MANIFEST))
+    done = sorted(d for d in b.iterdir() if plain_name(d.name) and real_subdir(b, d.name) is not None
+                  and _is_file(d / MANIFEST))
     return done[-1] if done else None
 
 

@@ -60,17 +60,14 @@ def run(path: str | os.PathLike, options: Options, *, unsafe_fixes: bool = False
     def relint():
         return lint(path, options)
 
+    if (dry_run or output is not None) and pending(root):  # neither writes into the folder
+        raise FixError(f"{root}: an interrupted fix is pending; run `fqcheck fix` to finish it or "
+                       "`fqcheck restore` to roll it back first")
     if dry_run:
-        if pending(root):
-            raise FixError(f"{root}: an interrupted fix is pending; run `fqcheck fix` to finish it (or "
-                           "`fqcheck restore` to roll it back) before planning")
         report = relint()
         return FixResult(str(path), _plan(Checkpoint.open(path), report.findings, unsafe_fixes, options), dry_run=True)
     if output is not None:
         _check_output(Path(output), root)
-        if pending(root):  # finish the interrupted fix first: never copy a half-fixed dir
-            with Lock(root):
-                recover(root)
         report = relint()
         ckpt = Checkpoint.open(path)
         plan = _plan(ckpt, report.findings, unsafe_fixes, options)

@@ -131,8 +131,10 @@ class Transaction:
             make_dirs(self.root, self.stash)
             fsync_dir(self.root)
             write_journal(self.root, j)
-        except OSError as e:  # the journal is not durable: nothing has been renamed yet
+        except (OSError, StateError) as e:  # the journal is not durable: nothing has been renamed yet
             self.abort()
+            if isinstance(e, StateError):
+                raise
             raise FixError(f"{self.root}: {e.strerror or e} while preparing; rolled back, nothing changed") from e
         fault("after-journal")
         try:
