@@ -19,7 +19,7 @@ from fqcheck.fix.runner import fix  # noqa: E402
 from fqcheck.quant.formats import QuantSpec, fold  # noqa: E402
 
 CLEAN = ["FP8_DEFAULT_CFG", "FP8_PER_CHANNEL", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT4_AWQ_CFG",
-         "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "W4A8_AWQ_BETA_CFG"]
+         "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"]  # W4A8_AWQ_BETA_CFG: its own test below
 OFFLOADED = ["FP8_DEFAULT_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT4_AWQ_CFG", "W4A8_AWQ_BETA_CFG"]
 SHARD = "model.safetensors"
 _BUILT: dict = {}
@@ -73,6 +73,19 @@ def test_clean_modelopt_export_has_no_findings(clean, name, tie):
     d = clean(name, tie)
     assert found(lint(d)) == []
     assert found(lint(d, deep=True, device="cpu")) == []
+
+
+def test_modelopt_w4a8_export_leaves_its_weights_unfolded_and_deep_lint_says_so(clean):
+    """Model Optimizer 0.47's FakeQuant export folds TensorQuantizer weights only: a
+    SequentialQuantizer's (W4A8_AWQ: INT4 blocks then FP8) stay raw, and the state it writes strips
+    their amax. A folded INT4 block holds at most 16 distinct values; these hold ~128."""
+    d = clean("W4A8_AWQ_BETA_CFG")
+    assert found(lint(d)) == []  # nothing a header shows
+    deep = lint(d, deep=True, device="cpu")
+    assert found(deep) == [("QNT002", w) for w in linears()]
+    for f in deep.findings:
+        assert f.message.startswith(f"{f.tensor}: a block of 128 holds ") and f.fix is None
+        assert "more than the 16 an INT4 fold leaves" in f.message and "no amax is stored" in f.message
 
 
 # ---- the offloaded export ------------------------------------------------------------------------
