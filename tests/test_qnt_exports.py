@@ -15,7 +15,7 @@ import mobuild as mb  # noqa: E402
 from builders import load_shard, save_shard  # noqa: E402
 from fqcheck.api import lint  # noqa: E402
 from fqcheck.fix.plan import FixRefused  # noqa: E402
-from fqcheck.fix.runner import fix  # noqa: E402
+import fqcheck  # noqa: E402
 from fqcheck.quant.formats import QuantSpec, fold  # noqa: E402
 
 CLEAN = ["FP8_DEFAULT_CFG", "FP8_PER_CHANNEL", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT4_AWQ_CFG",
@@ -138,7 +138,7 @@ def check_refold(out, src, m, name):
 @pytest.mark.parametrize("name", OFFLOADED)
 def test_plain_fix_refolds_raw_weights_as_modelopt_does(offloaded, name, tmp_path):
     src, m = offloaded(name)
-    res = fix(src, output=tmp_path / "out", device="cpu")
+    res = fqcheck.fix(src, output=tmp_path / "out", device="cpu")
     assert sorted(f.tensor for f in res.applied if f.code == "QNT002") == raw_weights(name)
     assert res.ok and found(res.remaining) == []
     assert found(lint(tmp_path / "out", deep=True, device="cpu")) == []  # nothing raw is left unsaid
@@ -149,7 +149,7 @@ def test_plain_fix_refolds_raw_weights_as_modelopt_does(offloaded, name, tmp_pat
 def test_fix_deep_output_loads_in_transformers_without_unexpected_keys(offloaded, name, tmp_path):
     from transformers import AutoModelForCausalLM
     src, m = offloaded(name)
-    res = fix(src, output=tmp_path / "out", deep=True, device="cpu")
+    res = fqcheck.fix(src, output=tmp_path / "out", deep=True, device="cpu")
     assert res.ok and sorted(f.tensor for f in res.applied if f.code == "QNT002") == raw_weights(name)
     _, info = AutoModelForCausalLM.from_pretrained(src, output_loading_info=True)
     assert set(info["unexpected_keys"]) == {t for t in load_shard(src / SHARD) if "_quantizer." in t}
@@ -170,7 +170,7 @@ def test_without_state_file_the_folded_siblings_decide(offloaded, name, fmt, tmp
     deep = lint(d, deep=True, device="cpu", select=["QNT002"])
     assert found(deep) == [("QNT002", w) for w in linears(1)]
     assert all(fmt in f.message and "format inferred from 7 folded weight(s)" in f.message for f in deep.findings)
-    res = fix(d, output=tmp_path / "out", device="cpu")
+    res = fqcheck.fix(d, output=tmp_path / "out", device="cpu")
     assert res.ok and sorted(f.tensor for f in res.applied if f.code == "QNT002") == linears(1)
     check_refold(tmp_path / "out", src, m, name)
 
@@ -192,7 +192,7 @@ def test_undecidable_weight_is_reported_and_fix_refuses_changing_nothing(offload
     assert all(f.message.startswith(f"{f.tensor}: cannot verify that it is quantized: format unknown")
                and f.fix is None for f in deep.findings)
     with pytest.raises(FixRefused) as e:
-        fix(d, device="cpu")
+        fqcheck.fix(d, device="cpu")
     assert "7 weight(s) have a leaked weight-quantizer amax" in str(e.value) and "--quant-format" in str(e.value)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing changed, no backup folder
     cli = subprocess.run([sys.executable, "-m", "fqcheck", "fix", str(d)], capture_output=True, text=True)
@@ -207,7 +207,7 @@ def test_quant_format_option_decides_and_unsafe_fixes_drops_saying_so(offloaded,
     assert cli.returncode == 0, cli.stderr
     assert "[QNT002] 7 finding(s)" in cli.stdout and "no findings remain" in cli.stdout
     check_refold(tmp_path / "out", src, m, "FP8_DEFAULT_CFG")
-    res = fix(d, unsafe_fixes=True, output=tmp_path / "dropped", device="cpu")
+    res = fqcheck.fix(d, unsafe_fixes=True, output=tmp_path / "dropped", device="cpu")
     assert [n.split(" without")[0] for n in res.plan.notes] == [f"dropped the leaked amax of {w}" for w in linears(1)]
     assert not [f for f in res.applied if f.code == "QNT002"]
     assert sum(line.startswith("note: dropped the leaked amax") for line in res.plan.describe()) == 7
