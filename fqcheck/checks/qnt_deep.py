@@ -1,16 +1,16 @@
-"""QNT002 (deep): weights whose weight quantizer is enabled but whose values are off its grid.
-torch is imported only when the check runs (deep lint), never at import."""
+"""QNT002 (deep): weights whose weight quantizer is enabled but whose values are off its grid; weights
+whose leaked amax is evidence but whose format nothing decides ("cannot verify"); stripped INT-block
+weights that were never folded. `verdicts` is also what fix asks before dropping a leaked weight amax
+(fqcheck/fix/evidence.py). torch is imported only when the check runs, never at import."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from ..checkpoint.safetensors import FLOAT_DTYPES
 from ..engine import Hit, check
 from ..fix.edits import ReplaceTensor
+from ..quant.state import STAGE_RE
 from .qnt import OLD_AMAX_NAME
-
-STAGE_RE = re.compile(r"(?:\.\d+)+$")  # SequentialQuantizer stage suffix: weight_quantizer.0
 
 
 class Refold:
