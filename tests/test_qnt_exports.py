@@ -266,3 +266,22 @@ def test_declared_quant_algo_decides_before_the_siblings(offloaded, tmp_path):
     assert found(deep) == [("QNT002", w) for w in linears(1)]
     assert all("FP8 E4M3 per-tensor" in f.message and "format from hf_quant_config.json" in f.message
                for f in deep.findings)
+
+
+@pytest.mark.parametrize("name", OFFLOADED)
+def test_plain_fix_never_leaves_raw_weights_without_a_finding(offloaded, name, tmp_path):
+    """Without the state file: either the weights are decided (re-folded as modelopt folds) or fix
+    refuses, changing nothing, and deep lint names every raw weight."""
+    src, m = offloaded(name)
+    d = copy(src, tmp_path)
+    (d / "vllm_fq_modelopt_state.pth").unlink()
+    before = (d / SHARD).read_bytes()
+    try:
+        res = fqcheck.fix(d, output=tmp_path / "out", device="cpu")
+    except FixRefused:
+        assert (d / SHARD).read_bytes() == before and not (tmp_path / "out").exists()
+        named = {f.tensor for f in lint(d, deep=True, device="cpu", select=["QNT002"]).findings}
+        assert set(raw_weights(name)) <= named
+        return
+    assert res.ok and found(lint(tmp_path / "out", deep=True, device="cpu")) == []
+    check_refold(tmp_path / "out", src, m, name)
