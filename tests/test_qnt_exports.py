@@ -15,11 +15,11 @@ import mobuild as mb  # noqa: E402
 from builders import load_shard, save_shard  # noqa: E402
 from fqcheck.api import lint  # noqa: E402
 from fqcheck.fix.plan import FixRefused  # noqa: E402
-from fqcheck.api import fix  # noqa: E402
+import fqcheck  # noqa: E402
 from fqcheck.quant.formats import QuantSpec, fold  # noqa: E402
 
 CLEAN = ["FP8_DEFAULT_CFG", "FP8_PER_CHANNEL", "INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "INT4_AWQ_CFG",
-         "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "W4A8_AWQ_BETA_CFG"]
+         "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"]  # W4A8_AWQ_BETA_CFG: its own test below
 OFFLOADED = ["FP8_DEFAULT_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "INT4_AWQ_CFG", "W4A8_AWQ_BETA_CFG"]
 SHARD = "model.safetensors"
 _BUILT: dict = {}
@@ -75,6 +75,19 @@ def test_clean_modelopt_export_has_no_findings(clean, name, tie):
     assert found(lint(d, deep=True, device="cpu")) == []
 
 
+def test_modelopt_w4a8_export_leaves_its_weights_unfolded_and_deep_lint_says_so(clean):
+    """Model Optimizer 0.47's FakeQuant export folds TensorQuantizer weights only: a
+    SequentialQuantizer's (W4A8_AWQ: INT4 blocks then FP8) stay raw, and the state it writes strips
+    their amax. A folded INT4 block holds at most 16 distinct values; these hold ~128."""
+    d = clean("W4A8_AWQ_BETA_CFG")
+    assert found(lint(d)) == []  # nothing a header shows
+    deep = lint(d, deep=True, device="cpu")
+    assert found(deep) == [("QNT002", w) for w in linears()]
+    for f in deep.findings:
+        assert f.message.startswith(f"{f.tensor}: a block of 128 holds ") and f.fix is None
+        assert "more than the 16 an INT4 fold leaves" in f.message and "no amax is stored" in f.message
+
+
 # ---- the offloaded export ------------------------------------------------------------------------
 def raw_weights(name):
     """Weights the pre-PR-1194 export left raw: the offloaded layer, and for W4A8 every layer
@@ -125,7 +138,7 @@ def check_refold(out, src, m, name):
 @pytest.mark.parametrize("name", OFFLOADED)
 def test_plain_fix_refolds_raw_weights_as_modelopt_does(offloaded, name, tmp_path):
     src, m = offloaded(name)
-    res = fix(src, output=tmp_path / "out", device="cpu")
+    res = fqcheck.fix(src, output=tmp_path / "out", device="cpu")
     assert sorted(f.tensor for f in res.applied if f.code == "QNT002") == raw_weights(name)
     assert res.ok and found(res.remaining) == []
     assert found(lint(tmp_path / "out", deep=True, device="cpu")) == []  # nothing raw is left unsaid
@@ -136,7 +149,7 @@ def test_plain_fix_refolds_raw_weights_as_modelopt_does(offloaded, name, tmp_pat
 def test_fix_deep_output_loads_in_transformers_without_unexpected_keys(offloaded, name, tmp_path):
     from transformers import AutoModelForCausalLM
     src, m = offloaded(name)
-    res = fix(src, output=tmp_path / "out", deep=True, device="cpu")
+    res = fqcheck.fix(src, output=tmp_path / "out", deep=True, device="cpu")
     assert res.ok and sorted(f.tensor for f in res.applied if f.code == "QNT002") == raw_weights(name)
     _, info = AutoModelForCausalLM.from_pretrained(src, output_loading_info=True)
     assert set(info["unexpected_keys"]) == {t for t in load_shard(src / SHARD) if "_quantizer." in t}
@@ -157,7 +170,7 @@ def test_without_state_file_the_folded_siblings_decide(offloaded, name, fmt, tmp
     deep = lint(d, deep=True, device="cpu", select=["QNT002"])
     assert found(deep) == [("QNT002", w) for w in linears(1)]
     assert all(fmt in f.message and "format inferred from 7 folded weight(s)" in f.message for f in deep.findings)
-    res = fix(d, output=tmp_path / "out", device="cpu")
+    res = fqcheck.fix(d, output=tmp_path / "out", device="cpu")
     assert res.ok and sorted(f.tensor for f in res.applied if f.code == "QNT002") == linears(1)
     check_refold(tmp_path / "out", src, m, name)
 
@@ -179,7 +192,7 @@ def test_undecidable_weight_is_reported_and_fix_refuses_changing_nothing(offload
     assert all(f.message.startswith(f"{f.tensor}: cannot verify that it is quantized: format unknown")
                and f.fix is None for f in deep.findings)
     with pytest.raises(FixRefused) as e:
-        fix(d, device="cpu")
+        fqcheck.fix(d, device="cpu")
     assert "7 weight(s) have a leaked weight-quantizer amax" in str(e.value) and "--quant-format" in str(e.value)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing changed, no backup folder
     cli = subprocess.run([sys.executable, "-m", "fqcheck", "fix", str(d)], capture_output=True, text=True)
@@ -194,7 +207,7 @@ def test_quant_format_option_decides_and_unsafe_fixes_drops_saying_so(offloaded,
     assert cli.returncode == 0, cli.stderr
     assert "QNT002 7×" in cli.stdout and "no findings remain" in cli.stdout
     check_refold(tmp_path / "out", src, m, "FP8_DEFAULT_CFG")
-    res = fix(d, unsafe_fixes=True, output=tmp_path / "dropped", device="cpu")
+    res = fqcheck.fix(d, unsafe_fixes=True, output=tmp_path / "dropped", device="cpu")
     assert [n.split(" without")[0] for n in res.plan.notes] == [f"dropped the leaked amax of {w}" for w in linears(1)]
     assert not [f for f in res.applied if f.code == "QNT002"]
     assert sum(line.startswith("note: dropped the leaked amax") for line in res.plan.describe()) == 7
@@ -253,3 +266,22 @@ def test_declared_quant_algo_decides_before_the_siblings(offloaded, tmp_path):
     assert found(deep) == [("QNT002", w) for w in linears(1)]
     assert all("FP8 E4M3 per-tensor" in f.message and "format from hf_quant_config.json" in f.message
                for f in deep.findings)
+
+
+@pytest.mark.parametrize("name", OFFLOADED)
+def test_plain_fix_never_leaves_raw_weights_without_a_finding(offloaded, name, tmp_path):
+    """Without the state file: either the weights are decided (re-folded as modelopt folds) or fix
+    refuses, changing nothing, and deep lint names every raw weight."""
+    src, m = offloaded(name)
+    d = copy(src, tmp_path)
+    (d / "vllm_fq_modelopt_state.pth").unlink()
+    before = (d / SHARD).read_bytes()
+    try:
+        res = fqcheck.fix(d, output=tmp_path / "out", device="cpu")
+    except FixRefused:
+        assert (d / SHARD).read_bytes() == before and not (tmp_path / "out").exists()
+        named = {f.tensor for f in lint(d, deep=True, device="cpu", select=["QNT002"]).findings}
+        assert set(raw_weights(name)) <= named
+        return
+    assert res.ok and found(lint(tmp_path / "out", deep=True, device="cpu")) == []
+    check_refold(tmp_path / "out", src, m, name)

@@ -3,7 +3,7 @@ import torch
 
 from builders import load_shard, save_shard
 from fqcheck.api import lint
-from fqcheck.api import fix
+import fqcheck
 
 STALE = "model-00001-of-00009.safetensors"  # left by an earlier export with another shard count
 AMAX = "model.layers.0.self_attn.q_proj.input_quantizer._amax"
@@ -24,7 +24,7 @@ def test_stale_shard_holding_only_leaked_state_beyond_indexed_weights_is_retired
     assert sorted((f.code, f.file, f.tensor) for f in r.findings) == [("IDX008", STALE, None), ("QNT001", STALE, AMAX)]
     [f] = [f for f in r.findings if f.code == "IDX008"]
     assert f.fixable == "safe" and "leaked quantizer state (1 tensor, e.g. " + AMAX in f.message
-    res = fix(d)
+    res = fqcheck.fix(d)
     assert res.ok and res.retired == [STALE] and not (d / STALE).exists()
     assert (d / res.backup / STALE).read_bytes() == before  # retired into the backup, not deleted
     assert lint(d).findings == []

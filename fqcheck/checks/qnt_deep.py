@@ -1,16 +1,16 @@
-"""QNT002 (deep): weights whose weight quantizer is enabled but whose values are off its grid.
-torch is imported only when the check runs (deep lint), never at import."""
+"""QNT002 (deep): weights whose weight quantizer is enabled but whose values are off its grid; weights
+whose leaked amax is evidence but whose format nothing decides ("cannot verify"); stripped INT-block
+weights that were never folded. `verdicts` is also what fix asks before dropping a leaked weight amax
+(fqcheck/fix/evidence.py). torch is imported only when the check runs, never at import."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from ..checkpoint.safetensors import FLOAT_DTYPES
 from ..engine import Hit, check
 from ..fix.edits import ReplaceTensor
+from ..quant.state import STAGE_RE
 from .qnt import OLD_AMAX_NAME
-
-STAGE_RE = re.compile(r"(?:\.\d+)+$")  # SequentialQuantizer stage suffix: weight_quantizer.0
 
 
 class Refold:
@@ -90,7 +90,10 @@ def verdicts(ckpt, device_opt: str = "auto", quant_format: str | None = None, on
     if OLD_AMAX_NAME in ckpt.names:  # weights unfolded by design: vLLM quantizes them at load time
         yield from (Verdict(w, True) for w in sorted(res.groups()) if only is None or w in only)
         return
-    for wname, parts in sorted(res.groups().items()):
+    groups = res.groups()
+    if only is None:
+        yield from _stripped_block_weights(ckpt, res, groups)
+    for wname, parts in sorted(groups.items()):
         if only is not None and wname not in only:
             continue
         loc = ckpt.tensor(wname)
@@ -136,3 +139,49 @@ def verdicts(ckpt, device_opt: str = "auto", quant_format: str | None = None, on
             f"enabled weight quantizer {qname} ({scales}; format {source}): the export left it "
             f"unquantized", file=fname, tensor=wname,
             fix=ReplaceTensor(fname, wname, Refold(spec, entry.dtype, entry.shape, device_opt, res.variant(spec)))))
+
+
+def _stripped_block_weights(ckpt, res, groups):
+    """Weights whose quantizer the export stripped from the state (no amax anywhere) but whose
+    quant_cfg says static INT blocks first (INT4 AWQ / blockwise, W4A8's first stage): a folded block
+    holds at most 2**num_bits distinct values (the later stages and the cast map values one to one),
+    so a block with more was never folded. Model Optimizer 0.47's FakeQuant export skips
+    SequentialQuantizer weights (W4A8_AWQ) this way. Exact, needs no amax; no re-fold without one."""
+    import torch
+
+    from ..quant.state import STATE_NAME
+    state = res.state
+    if STATE_NAME not in ckpt.names:
+        return
+    for mod in sorted({q.module for n, q in state.quantizers.items() if n.endswith(".input_quantizer")}):
+        wname, base = f"{mod}.weight", f"{mod}.weight_quantizer"
+        if wname in groups or ckpt.tensor(wname) is None:
+            continue
+        enabled, attrs = state.config_for(base)
+        first = attrs[0] if isinstance(attrs, list) and attrs else attrs
+        bs = first.get("block_sizes") if isinstance(first, dict) else None
+        bits = first.get("num_bits") if isinstance(first, dict) else None
+        if not enabled or not isinstance(bits, int) or not isinstance(bs, dict) or bs.get("type", "static") != "static":
+            continue
+        block = bs.get(-1)
+        if not isinstance(block, int) or state.quantizers[f"{mod}.input_quantizer"].attrs.get("_disabled") is not False:
+            # only modules whose input quantizer runs are surely quantized linears (quant_cfg entries
+            # by parent class, e.g. nn.Embedding, cannot be matched), and only there no
+            # pre_quant_scale was folded into the weight (it scales each column: levels multiply)
+            continue
+        w = res.read(wname)
+        if w is None or w.dim() < 1 or not bool(torch.isfinite(w).all()):
+            continue
+        cols = w.shape[-1]
+        rows = w.reshape(-1, cols)
+        worst = 0
+        for lo in range(0, cols, block):
+            chunk = rows[:, lo:lo + block].float()
+            levels = int((torch.diff(chunk.sort(dim=1).values, dim=1) != 0).sum(dim=1).max()) + 1
+            worst = max(worst, levels)
+        if worst > 2 ** bits:
+            fname, _entry = ckpt.tensor(wname)
+            yield Verdict(wname, True, hit=Hit(
+                f"{wname}: a block of {block} holds {worst} distinct values, more than the {2 ** bits} an "
+                f"INT{bits} fold leaves: its enabled weight quantizer {base} (format from "
+                f"{STATE_NAME}) was never applied; no amax is stored to re-fold it", file=fname, tensor=wname))

@@ -12,18 +12,16 @@ Imports torch: deep checks and fix call it, never header-only lint.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
 from .formats import Chain, QuantSpec, off_grid_count, quantize
-from .state import FORMAT_UNKNOWN, QuantState, read_tensor, spec_from_attrs, weight_spec
+from .state import FORMAT_UNKNOWN, STAGE_RE, QuantState, read_tensor, spec_from_attrs, weight_spec
 
 FORMATS = ("fp8", "int8", "int4", "nvfp4")
 # A weight on a coarse grid is also on the finer grids that contain it (INT4 values k*amax/7 are
 # exact FP8 values of the same amax): among the formats every folded sibling is on, the coarsest wins.
 COARSE_FIRST = ("int4", "nvfp4", "int8", "fp8")
-STAGE_RE = re.compile(r"(?:\.\d+)+$")
 # modelopt's quant_algo names (modelopt/torch/export/model_config.py QUANTIZATION_*) -> format
 ALGO_FORMATS = (("NVFP4", "nvfp4"), ("FP8", "fp8"), ("INT8", "int8"), ("W8A8", "int8"),
                 ("W4A16", "int4"), ("INT4", "int4"))

@@ -28,6 +28,7 @@ from ..checkpoint import STATE_NAME
 
 # `<module>.<attr>_quantizer[.<i>].<buffer>`; the group named q is the quantizer's name.
 LEAK_RE = re.compile(r"^(?P<q>(?:(?P<module>.+)\.)?(?P<attr>\w*quantizers?)(?:\.\d+)*)\.(?P<buf>_\w+)$")
+STAGE_RE = re.compile(r"(?:\.\d+)+$")  # a SequentialQuantizer stage suffix: weight_quantizer.0
 WEIGHT_Q_RE = re.compile(r"(?:^|\.)(?:\w+_)?weight_quantizers?(?:\.\d+)*$")
 
 FORMAT_UNKNOWN = "format unknown (no quant_cfg or quantizer_state names it)"
