@@ -21,6 +21,7 @@ from .checkpoint import Checkpoint
 from .checkpoint import safetensors as st
 from .checkpoint.data import ShardData
 from .engine import Hit
+from .names import LM_HEAD, embedding_name
 from .progress import bar as progress_bar
 
 CHUNK_BYTES = 64 << 20   # one mmap window; resident memory is bounded by this
@@ -261,8 +262,6 @@ def scan_for(ckpt: Checkpoint, options: dict) -> DeepScan:
 
 # -- tied embeddings (TEN004's deep half; the TEN004 check itself lives in checks/ten.py) --------
 
-LM_HEAD = "lm_head.weight"
-EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
 def tie_word_embeddings(ckpt: Checkpoint) -> bool:
@@ -274,11 +273,6 @@ def tie_word_embeddings(ckpt: Checkpoint) -> bool:
         return cfg["tie_word_embeddings"] is True
     text = cfg.get("text_config")
     return isinstance(text, dict) and text.get("tie_word_embeddings") is True
-
-
-def embedding_name(names: Iterable[str]) -> str | None:
-    cands = [n for n in names if n.endswith(EMBED_SUFFIXES)]
-    return min(cands, key=len) if cands else None
 
 
 def _key(ckpt: Checkpoint, name: str, deep: DeepScan) -> tuple[str, str] | None:

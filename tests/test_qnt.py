@@ -6,7 +6,7 @@ import torch
 from builders import leak_quantizer_state, load_shard, read_index, save_shard, write_index
 from fqcheck.api import lint
 from fqcheck.checkpoint import STATE_NAME
-from fqcheck.checks.qnt import LEAK_PATTERN
+from fqcheck.names import LEAK_PATTERN
 from fqcheck.fix.edits import DropTensor
 
 

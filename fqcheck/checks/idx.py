@@ -24,7 +24,7 @@ from ..catalog import schema_path
 from ..checkpoint import INDEX_NAME, Checkpoint, SafetensorsHeader
 from ..checkpoint import safetensors as st
 from ..engine import Hit, check
-from .qnt import LEAK_PATTERN
+from ..names import is_quantizer_state
 from ..fix.edits import DropTensor, RebuildIndex, RetireFile
 
 SCHEMA = "index.schema.json"
@@ -487,7 +487,7 @@ def stale_shard(ckpt: Checkpoint) -> Iterator[Hit]:
         # Stale only if every tensor it holds is also held by a shard the index names: otherwise
         # retiring it would lose the only copy (e.g. an index entry pointed at the wrong file).
         only_here = [t for t in h.names if t not in v.held]
-        if only_here and all("quantizer" in t and LEAK_PATTERN.search(t) for t in only_here):
+        if only_here and all(map(is_quantizer_state, only_here)):
             # all it alone holds is leaked quantizer state, which QNT001's fix drops anyway
             yield _hit(f"{f} is not named by the index (stale, from an earlier export); what only it holds "
                        f"is leaked quantizer state ({_plural(len(only_here), 'tensor')}, e.g. {only_here[0]}), "

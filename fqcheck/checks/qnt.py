@@ -7,23 +7,13 @@ from typing import Iterator
 from ..checkpoint import STATE_NAME, Checkpoint
 from ..engine import Hit, check
 from ..fix.edits import DropTensor
-
-# The buffers Model Optimizer's TensorQuantizer (modelopt/torch/quantization/nn/modules/
-# tensor_quantizer.py) registers: amax (+ NVFP4's global amax), SmoothQuant/AWQ pre-quant scale,
-# KV-cache bias, SVDQuant low-rank factors, and the real-quant scales of its QTensor path. They sit
-# under a `*_quantizer` submodule (input_/weight_/output_/k_bmm_/v_bmm_quantizer, or a
-# SequentialQuantizer's `weight_quantizer.0`). Real-quantized tensors of HF exports (weight_scale,
-# input_scale, k_scale, weight_packed, qweight, scales, ...) never have a `_quantizer.` parent.
-QUANTIZER_BUFFERS = ("amax", "global_amax", "pre_quant_scale", "bias_value", "svdquant_lora_a",
-                     "svdquant_lora_b", "scale", "double_scale", "scale_zeros")
-LEAK_PATTERN = re.compile(r"(?:^|\.)[A-Za-z0-9_]*quantizer(?:\.\d+)?\._(?:%s)$" % "|".join(QUANTIZER_BUFFERS))
-
+from ..names import is_quantizer_state
 
 @check("QNT001")
 def leaked_quantizer_state(ckpt: Checkpoint) -> Iterator[Hit]:
     for fname, h in ckpt.headers().items():
         for t in h.names:
-            if "quantizer" in t and LEAK_PATTERN.search(t):  # substring test first: 91k names in ms
+            if is_quantizer_state(t):
                 weight = weight_of_amax(t)
                 msg = f"quantizer state {t} leaked into the weights"
                 if weight:

@@ -7,10 +7,9 @@ from ..checkpoint import Checkpoint
 from ..checkpoint import safetensors as st
 from ..engine import Hit, check
 
+from ..names import EMBED_NAMES, LM_HEAD
+
 MAX_LISTED = 8
-EMBED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
-               "gpt_neox.embed_in.weight", "model.language_model.embed_tokens.weight")
-LM_HEAD = "lm_head.weight"
 
 
 @check("TEN001")

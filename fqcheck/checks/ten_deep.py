@@ -13,7 +13,8 @@ ZERO_MIN_NUMEL = 256   # an all-zero weight this small may be deliberate
 
 @check("TEN002")
 def duplicate_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
-    from ..deep import LM_HEAD, embedding_name, scan_for, tie_word_embeddings
+    from ..deep import scan_for, tie_word_embeddings
+    from ..names import LM_HEAD, embedding_name
     from ..fix.edits import DropTensor
 
     deep = scan_for(ckpt, options)
