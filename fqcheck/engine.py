@@ -5,11 +5,14 @@ import gc
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from .catalog import SEVERITIES, Rule
 from .checkpoint import Checkpoint
 from .options import Options
+
+if TYPE_CHECKING:  # the edits are plain data; the engine needs their type only for annotations
+    from .fix.edits import Fix
 
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
@@ -22,7 +25,7 @@ class Finding:
     file: str | None = None
     tensor: str | None = None
     fixable: str = "no"  # "safe", "unsafe" or "no"
-    fix: object = field(default=None, compare=False, repr=False)  # an edit from fqcheck.fix.edits
+    fix: Fix = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict:
         return {"code": self.code, "severity": self.severity, "file": self.file,
@@ -37,7 +40,7 @@ class Hit:
     tensor: str | None = None
     severity: str | None = None  # override, for rules whose severity depends on the case
     fixable: str | None = None   # override, e.g. safe only when bytes are equal
-    fix: object = None
+    fix: Fix = None
 
 
 CheckFn = Callable[..., Iterable[Hit]]

@@ -3,6 +3,7 @@ and the fix planner merges them per file. Importing this module must stay cheap 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Union
 
 
 @dataclass(frozen=True)
@@ -44,3 +45,8 @@ class DropJsonKey:
 class RetireFile:
     """Move a file out of the checkpoint into the backup folder (e.g. a stale shard)."""
     file: str
+
+
+Edit = Union[DropTensor, ReplaceTensor, SetMetadata, RebuildIndex, DropJsonKey, RetireFile]
+"""What a finding's fix says to do: one edit, or a tuple of them applied together."""
+Fix = Union[Edit, tuple[Edit, ...], None]
