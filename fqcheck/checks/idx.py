@@ -24,6 +24,7 @@ from ..catalog import schema_path
 from ..checkpoint import INDEX_NAME, Checkpoint, SafetensorsHeader
 from ..checkpoint import safetensors as st
 from ..engine import Hit, check
+from ..fix.index import total_size
 from ..names import is_quantizer_state
 from ..fix.edits import DropTensor, RebuildIndex, RetireFile
 
@@ -257,21 +258,16 @@ def expected_total_size(ckpt: Checkpoint, files: list[str] | None = None) -> int
     if files is None and len(v.readable) == len(v.members) and not v.repeats:
         return sum(h.tensor_bytes for h in v.readable.values())  # the usual case, from shared sets
     files = v.members if files is None else files
-    seen: set[str] = set()
-    total = 0
+    unique: dict = {}
     for f in files:
         h = v.shards.get(f)
         if h is None and f in ckpt.safetensors_names and f not in v.escapes:
             h = ckpt.header(f)  # e.g. a top-level shard the rebuilt index will name
         if h is None or not h.readable:
             return None
-        names = h.names
-        if seen.isdisjoint(names):  # the usual case: no name repeats across shards
-            total += h.tensor_bytes
-        else:
-            total += sum(e.end - e.begin for n, e in h.tensors.items() if n not in seen)
-        seen.update(names)
-    return total
+        for n, e in h.tensors.items():
+            unique.setdefault(n, e)
+    return total_size(unique.values())  # the one definition, shared with the index rebuild
 
 
 # ---- helpers for the checks -----------------------------------------------------------------------
