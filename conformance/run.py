@@ -201,7 +201,8 @@ def _cell(got: dict, base: dict) -> str:
         return "-"
     if got.get("loaded"):
         return "loads, same tokens" if got.get("tokens") == base.get("tokens") else "loads, **other tokens**"
-    return f"`{got.get('exc_type')}: {str(got.get('exc', '')).splitlines()[0][:70]}`"
+    text = (str(got.get("exc", "")).splitlines() or [""])[0][:70]
+    return f"`{got.get('exc_type')}{': ' + text if text else ''}`"
 
 
 def main() -> int:
