@@ -1,6 +1,5 @@
 """ARC header half: the default lint (no --arch, no torch import) finds the defects vLLM crashes on
 or silently loads wrong: a layer's weight missing, a weight mis-shaped, a tensor the architecture lacks."""
-import json
 import shutil
 import subprocess
 import sys

@@ -2,15 +2,14 @@
 fixes, against config.json's sizes. Runs on every lint, so no torch, no transformers.
 
 Why a header half: vLLM 0.32 loads a checkpoint with a layer's weight missing silently (and serves
-garbage), and fails on a mis-shaped or unknown tensor only at load time, after minutes on a large
-model; the meta-device build (the ARC rules' --arch half) needs torch and transformers, ~15 s here
-against ~0.8 s for the whole header lint. The defects it finds most often are visible in the headers:
-every decoder layer of one kind holds the same modules with the same shapes, every expert the same
-tensors.
+garbage), and fails on a mis-shaped or unknown tensor only at load time; the meta-device build (the
+ARC rules' --arch half) needs torch and transformers, seconds of imports against under a second for
+the whole header lint. The defects seen most often show in the headers: the layers of one kind hold
+the same modules with the same shapes, every expert the same tensors.
 
-Cost: ~98 % of a DeepSeek-R1's ~90k names are expert tensors; they are counted at C speed (digits
-turned to '#', Counter over (template, shape)) and compared name by name only when the counts
-disagree. The other names are grouped per (template, layer, shape) with two regex passes.
+Cost: ~98 % of a DeepSeek-R1's ~90k names are expert tensors; two str.count scans over their joined
+names check their number, and only when it is off are they compared name by name. The other names
+are grouped per (template, layer, shape) with two regex passes over their joined text.
 """
 from __future__ import annotations
 
