@@ -146,3 +146,11 @@ def test_header_half_imports_neither_torch_nor_transformers(bases, tmp_path):
             "print(sorted(f.code for f in r.findings))")
     out = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['ARC002']"
+
+
+def test_tensors_of_a_missing_shard_are_idx003s_not_arc002s(bases, tmp_path):
+    d = copy(bases, tmp_path, "qwen2")
+    gone = sorted(set(read_index(d)["weight_map"].values()))[0]
+    (d / gone).unlink()
+    r = lint(d)
+    assert {f.code for f in r.findings if f.severity == "error"} == {"IDX003"}
