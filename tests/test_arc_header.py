@@ -154,3 +154,38 @@ def test_tensors_of_a_missing_shard_are_idx003s_not_arc002s(bases, tmp_path):
     (d / gone).unlink()
     r = lint(d)
     assert {f.code for f in r.findings if f.severity == "error"} == {"IDX003"}
+
+
+@pytest.mark.parametrize("method", ["modelopt-nvfp4", "compressed-tensors-packed", "gptq"])
+def test_packed_real_quantized_layouts_are_not_flagged(bases, tmp_path, method):
+    # packed weights of another shape (or another name) plus their scales, as the method declares
+    d = copy(bases, tmp_path, "llama")
+
+    def pack(t):
+        for n in [n for n in t if n.endswith("_proj.weight")]:
+            out, inp = t[n].shape
+            base = n[: -len(".weight")]
+            if method == "modelopt-nvfp4":
+                t[n] = torch.zeros(out, inp // 2, dtype=torch.uint8)
+                t[f"{base}.weight_scale"] = torch.ones(out, inp // 16).to(torch.float8_e4m3fn)
+                t[f"{base}.weight_scale_2"] = torch.tensor(1.0)
+                t[f"{base}.input_scale"] = torch.tensor(1.0)
+            elif method == "compressed-tensors-packed":
+                del t[n]
+                t[f"{base}.weight_packed"] = torch.zeros(out, inp // 8, dtype=torch.int32)
+                t[f"{base}.weight_scale"] = torch.ones(out, inp // 32, dtype=torch.bfloat16)
+                t[f"{base}.weight_shape"] = torch.tensor([out, inp])
+            else:
+                del t[n]
+                t[f"{base}.qweight"] = torch.zeros(inp // 8, out, dtype=torch.int32)
+                t[f"{base}.qzeros"] = torch.zeros(1, out // 8, dtype=torch.int32)
+                t[f"{base}.scales"] = torch.ones(1, out, dtype=torch.float16)
+                t[f"{base}.g_idx"] = torch.zeros(inp, dtype=torch.int32)
+    edit(d, pack)
+    cfg = read_config(d)
+    if method == "modelopt-nvfp4":
+        (d / "hf_quant_config.json").write_text('{"quantization": {"quant_algo": "NVFP4"}}')
+    else:
+        cfg["quantization_config"] = {"quant_method": method.split("-packed")[0]}
+    write_config(d, cfg)
+    assert lint(d, select=["ARC"]).findings == []

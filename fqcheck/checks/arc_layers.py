@@ -154,8 +154,10 @@ class _Context:
 
 
 def _main_stack(stacks: dict[str, _Stack]) -> _Stack | None:
+    """The decoder whose layers num_hidden_layers counts: the language model's, not a vision tower's."""
     cands = [s for s in stacks.values() if s.name.endswith("layers")]
-    return max(cands, key=lambda s: len(s.layers), default=None)
+    return max(cands, key=lambda s: (s.name == "model.layers", "language_model" in s.name, len(s.layers)),
+               default=None)
 
 
 def _module(rest: str) -> str:
