@@ -189,3 +189,18 @@ def test_packed_real_quantized_layouts_are_not_flagged(bases, tmp_path, method):
         cfg["quantization_config"] = {"quant_method": method.split("-packed")[0]}
     write_config(d, cfg)
     assert lint(d, select=["ARC"]).findings == []
+
+
+def test_layers_past_num_hidden_layers_are_not_compared(bases, tmp_path):
+    # DeepSeek-V3/R1 ship a multi-token-prediction layer (index num_hidden_layers) with modules of its
+    # own; loaders skip it, and so does the comparison of the layers
+    d = copy(bases, tmp_path, "moe")
+
+    def add_mtp(t):
+        for n in [n for n in t if n.startswith("model.layers.3.")]:
+            t[n.replace("layers.3.", "layers.4.")] = t[n].clone()
+        for m in ("enorm", "hnorm"):
+            t[f"model.layers.4.{m}.weight"] = torch.ones(32, dtype=torch.bfloat16)
+        t["model.layers.4.eh_proj.weight"] = torch.ones(32, 64, dtype=torch.bfloat16)
+    edit(d, add_mtp)
+    assert lint(d, select=["ARC"]).findings == []
