@@ -216,7 +216,7 @@ def _cell(got: dict, base: dict) -> str:
     if got.get("loaded"):
         dtype = f" in {got.get('dtype')}" if got.get("dtype") != base.get("dtype") else ""
         return f"loads{dtype}, " + ("same tokens" if got.get("tokens") == base.get("tokens") else "**other tokens**")
-    text = (str(got.get("exc", "")).splitlines() or [""])[0][:70]
+    text = (str(got.get("exc", "")).splitlines() or [""])[0][:70].replace("`", "'")
     return f"`{got.get('exc_type')}{': ' + text if text else ''}`"
 
 
