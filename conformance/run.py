@@ -260,7 +260,8 @@ def main() -> int:
         rows.append(f"| {c.name} | {_cell(got, base)} | {', '.join(rec['codes']) or 'clean'} | "
                     f"{rec.get('fix', '-')} | {_cell(fixed, base) if fixed else '-'} | "
                     f"{'ok' if not fails else 'FAIL: ' + '; '.join(fails)} |")
-    print(f"vLLM {loaded.get('vllm')} (CPU), fqcheck from {ROOT}\n")
+    import fqcheck
+    print(f"vLLM {loaded.get('vllm')} (CPU), fqcheck from {Path(fqcheck.__file__).parent}\n")
     print("| fixture | vLLM loads the broken checkpoint | default `fqcheck lint` | `fqcheck fix` | "
           "vLLM after fix | verdict |")
     print("|---|---|---|---|---|---|")
