@@ -49,15 +49,14 @@ def analyse(ckpt: Checkpoint, cfg: dict | None, packed: bool, quantized: bool) -
     """packed: a declared quantization method may store weights packed (other shapes, other names);
     quantized: some quantization method is declared (its extra tensors are not unexpected)."""
     out = LayerFindings()
-    names, shapes = [], []
-    for h in ckpt.headers().values():
-        names += h.names
-        shapes += h.shapes()
+    names, shapes, experts = _split_experts(ckpt)
+    if experts and not _experts_agree(experts, cfg or {}):
+        names, shapes = [], []  # compare every name, the experts' too
+        for h in ckpt.headers().values():
+            names += h.names
+            shapes += h.shapes()
     if not names:
         return out
-    agree = _experts_agree(names, shapes, cfg or {})
-    if agree is not None:
-        names, shapes = agree
     joined = "\n".join(names)
     marks = _LAYER.findall(joined)
     templates = _INDEX.sub("#", joined).split("\n")
@@ -108,28 +107,44 @@ def _top_against_config(ctx: _Context, top: dict[str, set], out: LayerFindings) 
             out.missing.append((name, f"every {ctx.cfg.get('model_type')} model has it"))
 
 
-def _experts_agree(names: list, shapes: list, cfg: dict):
-    """(the other names, their shapes) when the expert tensors (98 % of a DeepSeek-R1's names) agree,
-    else None: they then go through the per-name comparison too. Agree: there are (declared
-    experts) x (MoE layers) x (tensors the first stored expert has) of them, the MoE layers being
-    those that store expert 0. Counted with str.count over the joined names, at C speed; what this
-    misses (an expert's shape, a tensor too many in one place and too few in another, a layer whose
-    experts are all gone) --arch finds."""
+def _split_experts(ckpt: Checkpoint) -> tuple[list, list, str]:
+    """(names that are not an expert's, their shapes, the expert names joined by newlines). A shard
+    all experts or none is told by one str.count over its joined names; only shards that mix
+    (one in three on a DeepSeek-R1) are split name by name."""
+    names: list = []
+    shapes: list = []
+    experts = []
+    for h in ckpt.headers().values():
+        joined = "\n".join(h.names)
+        n = joined.count(".experts.")
+        if n == 0:
+            names += h.names
+            shapes += h.shapes()
+        elif n == len(h.names) and ".experts." in h.names[0]:
+            experts.append(joined)
+        else:
+            mask = list(map(str.__contains__, h.names, repeat(".experts.")))
+            experts.append("\n".join(compress(h.names, mask)))
+            keep = list(map(not_, mask))
+            names += compress(h.names, keep)
+            shapes += compress(h.shapes(), keep)
+    return names, shapes, "\n".join(e for e in experts if e)
+
+
+def _experts_agree(experts: str, cfg: dict) -> bool:
+    """Whether the expert tensors (98 % of a DeepSeek-R1's names), joined by newlines, agree: there
+    are (declared experts) x (MoE layers) x (tensors the first stored expert has) of them, the MoE
+    layers being those that store expert 0. Two str.count scans, at C speed; when they do not agree
+    the experts are compared name by name. What this misses (an expert's shape, a tensor too many in
+    one place and too few in another, a layer whose experts are all gone) --arch finds."""
     declared = next((cfg[k] for k in EXPERT_KEYS if _int(cfg, k)), None)
-    mask = list(map(str.__contains__, names, repeat(".experts.")))
-    if declared is None or not any(mask):
-        return None
-    joined = "\n".join(compress(names, mask)) + "\n"
-    first = joined[:joined.index("\n")]
-    m = _FIRST_EXPERT.match(first)
-    if m is None:
-        return None  # e.g. fused experts (experts.gate_up_proj): few names, compared one by one
+    joined = experts + "\n"
+    m = _FIRST_EXPERT.match(joined[:joined.index("\n")])
+    if declared is None or m is None:
+        return False  # no declared count, or fused experts (experts.gate_up_proj): few names
     own = re.findall(re.escape(m.group(1)) + r"(\S+)\n", joined)  # the first expert's tensors
     layers = joined.count(f".experts.0.{own[0]}\n") if own else 0
-    if joined.count("\n") != declared * layers * len(own):
-        return None  # an expert tensor missing or extra somewhere: compare them one by one
-    keep = list(map(not_, mask))
-    return list(compress(names, keep)), list(compress(shapes, keep))
+    return bool(own) and joined.count("\n") == declared * layers * len(own)
 
 
 _FIRST_EXPERT = re.compile(r"(.*\.experts\.\d+\.)\S+$")
