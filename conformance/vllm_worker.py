@@ -23,11 +23,11 @@ def load_and_generate(path: str) -> dict:
     t = time.time()
     llm = None
     try:
-        llm = LLM(model=path, skip_tokenizer_init=True, enforce_eager=True, max_model_len=64,
-                  dtype="bfloat16", seed=0)
+        llm = LLM(model=path, skip_tokenizer_init=True, enforce_eager=True, max_model_len=64, dtype="auto", seed=0)
         out = llm.generate([{"prompt_token_ids": PROMPT}], SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
                            use_tqdm=False)
-        return {"loaded": True, "tokens": list(out[0].outputs[0].token_ids), "seconds": round(time.time() - t, 1)}
+        return {"loaded": True, "tokens": list(out[0].outputs[0].token_ids), "seconds": round(time.time() - t, 1),
+                "dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch.")}
     except BaseException as e:  # noqa: BLE001 - MemoryError included: it is the result being recorded
         return {"loaded": False, "exc_type": type(e).__name__, "exc": str(e)[:500],
                 "where": traceback.extract_tb(e.__traceback__)[-1].filename.split("site-packages/")[-1],

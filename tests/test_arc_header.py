@@ -1,6 +1,5 @@
 """ARC header half: the default lint (no --arch, no torch import) finds the defects vLLM crashes on
 or silently loads wrong: a layer's weight missing, a weight mis-shaped, a tensor the architecture lacks."""
-import json
 import shutil
 import subprocess
 import sys
@@ -147,3 +146,61 @@ def test_header_half_imports_neither_torch_nor_transformers(bases, tmp_path):
             "print(sorted(f.code for f in r.findings))")
     out = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['ARC002']"
+
+
+def test_tensors_of_a_missing_shard_are_idx003s_not_arc002s(bases, tmp_path):
+    d = copy(bases, tmp_path, "qwen2")
+    gone = sorted(set(read_index(d)["weight_map"].values()))[0]
+    (d / gone).unlink()
+    r = lint(d)
+    assert {f.code for f in r.findings if f.severity == "error"} == {"IDX003"}
+
+
+@pytest.mark.parametrize("method", ["modelopt-nvfp4", "compressed-tensors-packed", "gptq"])
+def test_packed_real_quantized_layouts_are_not_flagged(bases, tmp_path, method):
+    # packed weights of another shape (or another name) plus their scales, as the method declares
+    d = copy(bases, tmp_path, "llama")
+
+    def pack(t):
+        for n in [n for n in t if n.endswith("_proj.weight")]:
+            out, inp = t[n].shape
+            base = n[: -len(".weight")]
+            if method == "modelopt-nvfp4":
+                t[n] = torch.zeros(out, inp // 2, dtype=torch.uint8)
+                t[f"{base}.weight_scale"] = torch.ones(out, inp // 16).to(torch.float8_e4m3fn)
+                t[f"{base}.weight_scale_2"] = torch.tensor(1.0)
+                t[f"{base}.input_scale"] = torch.tensor(1.0)
+            elif method == "compressed-tensors-packed":
+                del t[n]
+                t[f"{base}.weight_packed"] = torch.zeros(out, inp // 8, dtype=torch.int32)
+                t[f"{base}.weight_scale"] = torch.ones(out, inp // 32, dtype=torch.bfloat16)
+                t[f"{base}.weight_shape"] = torch.tensor([out, inp])
+            else:
+                del t[n]
+                t[f"{base}.qweight"] = torch.zeros(inp // 8, out, dtype=torch.int32)
+                t[f"{base}.qzeros"] = torch.zeros(1, out // 8, dtype=torch.int32)
+                t[f"{base}.scales"] = torch.ones(1, out, dtype=torch.float16)
+                t[f"{base}.g_idx"] = torch.zeros(inp, dtype=torch.int32)
+    edit(d, pack)
+    cfg = read_config(d)
+    if method == "modelopt-nvfp4":
+        (d / "hf_quant_config.json").write_text('{"quantization": {"quant_algo": "NVFP4"}}')
+    else:
+        cfg["quantization_config"] = {"quant_method": method.split("-packed")[0]}
+    write_config(d, cfg)
+    assert lint(d, select=["ARC"]).findings == []
+
+
+def test_layers_past_num_hidden_layers_are_not_compared(bases, tmp_path):
+    # DeepSeek-V3/R1 ship a multi-token-prediction layer (index num_hidden_layers) with modules of its
+    # own; loaders skip it, and so does the comparison of the layers
+    d = copy(bases, tmp_path, "moe")
+
+    def add_mtp(t):
+        for n in [n for n in t if n.startswith("model.layers.3.")]:
+            t[n.replace("layers.3.", "layers.4.")] = t[n].clone()
+        for m in ("enorm", "hnorm"):
+            t[f"model.layers.4.{m}.weight"] = torch.ones(32, dtype=torch.bfloat16)
+        t["model.layers.4.eh_proj.weight"] = torch.ones(32, 64, dtype=torch.bfloat16)
+    edit(d, add_mtp)
+    assert lint(d, select=["ARC"]).findings == []

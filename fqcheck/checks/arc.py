@@ -384,14 +384,25 @@ def unexpected_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
                   fixable=None if fname else "no")
 
 
+def _in_missing_shard(ckpt: Checkpoint, tensor: str) -> bool:
+    """The index maps the tensor to a shard that is not there: IDX003 reports that."""
+    idx = ckpt.index
+    wm = idx.data.get("weight_map") if idx is not None and isinstance(idx.data, dict) else None
+    f = wm.get(tensor) if isinstance(wm, dict) else None
+    return isinstance(f, str) and f not in ckpt.names
+
+
 @check("ARC002")
 def missing_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
     c = compare(ckpt) if _meta(options) else None
     if c is None or c.not_checkable:
         for tensor, why in header_findings(ckpt).missing:
-            yield Hit(f"{tensor} is missing: {why}. {MISSING_EFFECT}", file=CONFIG_NAME, tensor=tensor)
+            if not _in_missing_shard(ckpt, tensor):
+                yield Hit(f"{tensor} is missing: {why}. {MISSING_EFFECT}", file=CONFIG_NAME, tensor=tensor)
         return
     for tensor, shape in c.missing:
+        if _in_missing_shard(ckpt, tensor):
+            continue
         yield Hit(f"{tensor} (expected shape {_shape(shape)}) is missing: {c.model_class} needs it. "
                   f"{MISSING_EFFECT}", file=CONFIG_NAME, tensor=tensor)
 

@@ -2,15 +2,14 @@
 fixes, against config.json's sizes. Runs on every lint, so no torch, no transformers.
 
 Why a header half: vLLM 0.32 loads a checkpoint with a layer's weight missing silently (and serves
-garbage), and fails on a mis-shaped or unknown tensor only at load time, after minutes on a large
-model; the meta-device build (the ARC rules' --arch half) needs torch and transformers, ~15 s here
-against ~0.8 s for the whole header lint. The defects it finds most often are visible in the headers:
-every decoder layer of one kind holds the same modules with the same shapes, every expert the same
-tensors.
+garbage), and fails on a mis-shaped or unknown tensor only at load time; the meta-device build (the
+ARC rules' --arch half) needs torch and transformers, seconds of imports against under a second for
+the whole header lint. The defects seen most often show in the headers: the layers of one kind hold
+the same modules with the same shapes, every expert the same tensors.
 
-Cost: ~98 % of a DeepSeek-R1's ~90k names are expert tensors; they are counted at C speed (digits
-turned to '#', Counter over (template, shape)) and compared name by name only when the counts
-disagree. The other names are grouped per (template, layer, shape) with two regex passes.
+Cost: ~98 % of a DeepSeek-R1's ~90k names are expert tensors; two str.count scans over their joined
+names check their number, and only when it is off are they compared name by name. The other names
+are grouped per (template, layer, shape) with two regex passes over their joined text.
 """
 from __future__ import annotations
 
@@ -43,22 +42,21 @@ class LayerFindings:
 @dataclass
 class _Stack:
     name: str
-    layers: dict = field(default_factory=dict)  # index -> {rest template: Counter{shape: n}}
+    layers: dict = field(default_factory=dict)  # index -> {rest template: {shape: n}}
 
 
 def analyse(ckpt: Checkpoint, cfg: dict | None, packed: bool, quantized: bool) -> LayerFindings:
     """packed: a declared quantization method may store weights packed (other shapes, other names);
     quantized: some quantization method is declared (its extra tensors are not unexpected)."""
     out = LayerFindings()
-    names, shapes = [], []
-    for h in ckpt.headers().values():
-        names += h.names
-        shapes += h.shapes()
+    names, shapes, experts = _split_experts(ckpt)
+    if experts and not _experts_agree(experts, cfg or {}):
+        names, shapes = [], []  # compare every name, the experts' too
+        for h in ckpt.headers().values():
+            names += h.names
+            shapes += h.shapes()
     if not names:
         return out
-    agree = _experts_agree(names, shapes, cfg or {})
-    if agree is not None:
-        names, shapes = agree
     joined = "\n".join(names)
     marks = _LAYER.findall(joined)
     templates = _INDEX.sub("#", joined).split("\n")
@@ -75,7 +73,8 @@ def analyse(ckpt: Checkpoint, cfg: dict | None, packed: bool, quantized: bool) -
             continue
         rest = t.split(".", stack.count(".") + 2)[-1]
         s = stacks.setdefault(stack, _Stack(stack))
-        s.layers.setdefault(int(idx), {}).setdefault(rest, Counter())[shape] += n
+        by_shape = s.layers.setdefault(int(idx), {}).setdefault(rest, {})
+        by_shape[shape] = by_shape.get(shape, 0) + n
     ctx = _Context(ckpt, names, templates, marks, packed, quantized, cfg or {})
     main = _main_stack(stacks)
     family = expected_layer(cfg) if cfg else None
@@ -108,31 +107,47 @@ def _top_against_config(ctx: _Context, top: dict[str, set], out: LayerFindings) 
             out.missing.append((name, f"every {ctx.cfg.get('model_type')} model has it"))
 
 
-def _experts_agree(names: list, shapes: list, cfg: dict):
-    """(the other names, their shapes) when the expert tensors (98 % of a DeepSeek-R1's names) agree,
-    else None (they then go through the per-name comparison too). Agree: each expert tensor name
-    (indices aside) is stored a multiple of the declared expert count times, and of one per-layer
-    base (as many MoE layers each store that many experts); so is each shape. At C speed; a layer
-    whose experts are all gone is not seen here."""
+def _split_experts(ckpt: Checkpoint) -> tuple[list, list, str]:
+    """(names that are not an expert's, their shapes, the expert names joined by newlines). A shard
+    all experts or none is told by one str.count over its joined names; only shards that mix
+    (one in three on a DeepSeek-R1) are split name by name."""
+    names: list = []
+    shapes: list = []
+    experts = []
+    for h in ckpt.headers().values():
+        joined = "\n".join(h.names)
+        n = joined.count(".experts.")
+        if n == 0:
+            names += h.names
+            shapes += h.shapes()
+        elif n == len(h.names) and ".experts." in h.names[0]:
+            experts.append(joined)
+        else:
+            mask = list(map(str.__contains__, h.names, repeat(".experts.")))
+            experts.append("\n".join(compress(h.names, mask)))
+            keep = list(map(not_, mask))
+            names += compress(h.names, keep)
+            shapes += compress(h.shapes(), keep)
+    return names, shapes, "\n".join(e for e in experts if e)
+
+
+def _experts_agree(experts: str, cfg: dict) -> bool:
+    """Whether the expert tensors (98 % of a DeepSeek-R1's names), joined by newlines, agree: there
+    are (declared experts) x (MoE layers) x (tensors the first stored expert has) of them, the MoE
+    layers being those that store expert 0. Two str.count scans, at C speed; when they do not agree
+    the experts are compared name by name. What this misses (an expert's shape, a tensor too many in
+    one place and too few in another, a layer whose experts are all gone) --arch finds."""
     declared = next((cfg[k] for k in EXPERT_KEYS if _int(cfg, k)), None)
-    mask = list(map(str.__contains__, names, repeat(".experts.")))
-    if declared is None or not any(mask):
-        return None
-    per: Counter = Counter()
-    for t, n in Counter("\n".join(compress(names, mask)).translate(_DIGITS).split("\n")).items():
-        per[_RUNS.sub("#", t)] += n
-    counts = [*per.values(), *Counter(compress(shapes, mask)).values()]
-    if any(n % declared for n in counts):
-        return None
-    base = min(per.values()) // declared
-    if any((n // declared) % base for n in per.values()):
-        return None
-    keep = list(map(not_, mask))
-    return list(compress(names, keep)), list(compress(shapes, keep))
+    joined = experts + "\n"
+    m = _FIRST_EXPERT.match(joined[:joined.index("\n")])
+    if declared is None or m is None:
+        return False  # no declared count, or fused experts (experts.gate_up_proj): few names
+    own = re.findall(re.escape(m.group(1)) + r"(\S+)\n", joined)  # the first expert's tensors
+    layers = joined.count(f".experts.0.{own[0]}\n") if own else 0
+    return bool(own) and joined.count("\n") == declared * layers * len(own)
 
 
-_RUNS = re.compile("#+")
-_DIGITS = str.maketrans("0123456789", "##########")
+_FIRST_EXPERT = re.compile(r"(.*\.experts\.\d+\.)\S+$")
 
 
 @dataclass
@@ -154,8 +169,10 @@ class _Context:
 
 
 def _main_stack(stacks: dict[str, _Stack]) -> _Stack | None:
+    """The decoder whose layers num_hidden_layers counts: the language model's, not a vision tower's."""
     cands = [s for s in stacks.values() if s.name.endswith("layers")]
-    return max(cands, key=lambda s: len(s.layers), default=None)
+    return max(cands, key=lambda s: (s.name == "model.layers", "language_model" in s.name, len(s.layers)),
+               default=None)
 
 
 def _module(rest: str) -> str:

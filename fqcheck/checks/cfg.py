@@ -23,8 +23,9 @@ def config_invalid(ckpt: Checkpoint) -> Iterator[Hit]:
         return  # linting one file: there is no directory config to expect
     cfg = ckpt.config
     if cfg is None:
-        yield Hit(f"{CONFIG_NAME} missing: transformers and vLLM cannot tell the architecture "
-                  f"(OSError: does not appear to have a file named {CONFIG_NAME})", file=CONFIG_NAME)
+        yield Hit(f"{CONFIG_NAME} missing: loaders cannot tell the architecture (transformers 5: OSError: "
+                  f"does not appear to have a file named {CONFIG_NAME}; vLLM 0.32: ValidationError: Invalid "
+                  "repository ID or local directory specified)", file=CONFIG_NAME)
         return
     if cfg.error:
         yield Hit(f"{CONFIG_NAME} unreadable: {cfg.error}", file=CONFIG_NAME)
@@ -97,5 +98,5 @@ def dtype_mismatch(ckpt: Checkpoint) -> Iterator[Hit]:
     have = max(counts, key=counts.get)
     if have != want:
         yield Hit(f"config.json {key} is {declared!r} ({want}) but the weights are mostly {have} "
-                  f"({counts[have]} of {total} floating elements): transformers and vLLM with dtype "
+                  f"({counts[have]} of {total} floating elements): transformers 5 and vLLM 0.32 with dtype "
                   f"auto cast them to {declared} on load", file=CONFIG_NAME)
