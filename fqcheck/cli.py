@@ -25,7 +25,8 @@ EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 _SELECT = typer.Option(None, "--select", metavar="CODES", help="Only these rule codes or prefixes (QNT,IDX001).")
 _IGNORE = typer.Option(None, "--ignore", metavar="CODES", help="Skip these rule codes or prefixes.")
 _DEEP = typer.Option(None, "--deep/--no-deep", help="Also read tensor data (slower; includes --arch).")
-_ARCH = typer.Option(None, "--arch/--no-arch", help="Also check tensors against the model config.json declares.")
+_ARCH = typer.Option(None, "--arch/--no-arch", help="Check tensors against the model config.json declares, built on "
+                     "the meta device with transformers (the default compares them from the headers).")
 _RULES = typer.Option(None, "--rules", metavar="DIR", help="A folder of your own declarative rules.")
 _CONFIG = typer.Option(None, "--config", metavar="FILE", help="Config file. Default: fqcheck.toml or "
                        "pyproject.toml [tool.fqcheck], found from the current directory up.")
@@ -159,7 +160,7 @@ def fix(
     select: Optional[List[str]] = _SELECT,
     ignore: Optional[List[str]] = _IGNORE,
     deep: Optional[bool] = typer.Option(None, "--deep/--no-deep", help="Also run the data-reading checks and the re-fold (includes --arch)."),
-    arch: Optional[bool] = typer.Option(None, "--arch/--no-arch", help="Also drop tensors the model in config.json does not have (ARC001)."),
+    arch: Optional[bool] = _ARCH,
     rules: Optional[List[Path]] = _RULES,
     fail_on: Optional[str] = _FAIL_ON,
     config: Optional[Path] = _CONFIG,
