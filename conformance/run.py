@@ -78,21 +78,8 @@ CASES = [
 def build(name: str, out: Path) -> Path:
     import torch
 
-    from builders import leak_quantizer_state, load_shard, read_config, read_index, save_shard, save_tiny_model, \
-        write_config, write_index
-
-    def shard_edit(d: Path, change, fname: str = "model.safetensors") -> None:
-        t = load_shard(d / fname)
-        before = set(t)
-        change(t)
-        save_shard(d / fname, t)
-        if (d / "model.safetensors.index.json").exists():
-            idx = read_index(d)
-            for n in before - set(t):
-                idx["weight_map"].pop(n)
-            for n in set(t) - before:
-                idx["weight_map"][n] = fname
-            write_index(d, idx)
+    from builders import edit_shard, leak_quantizer_state, read_config, read_index, save_tiny_model, \
+        write_config
 
     d = out / name
     base = {"clean_sharded": dict(shards=3), "clean_tied": dict(tie=True)}.get(name, {})
@@ -103,14 +90,14 @@ def build(name: str, out: Path) -> Path:
         base = dict(tie=True)
     save_tiny_model(d, model_type, seed=0, **base, **SIZES)
     if name == "arc002_missing_down_proj":
-        shard_edit(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+        edit_shard(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
     elif name == "arc002_qwen2_missing_up_proj":
-        shard_edit(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+        edit_shard(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     elif name == "arc003_down_proj_128x200":
         n = "model.layers.0.mlp.down_proj.weight"
-        shard_edit(d, lambda t: t.__setitem__(n, t[n][:, :200].clone()))
+        edit_shard(d, lambda t: t.__setitem__(n, t[n][:, :200].clone()))
     elif name == "arc001_extra_gate":
-        shard_edit(d, lambda t: t.__setitem__("model.layers.0.mlp.extra_gate.weight",
+        edit_shard(d, lambda t: t.__setitem__("model.layers.0.mlp.extra_gate.weight",
                                               torch.ones(64, 128, dtype=torch.bfloat16)))
     elif name == "cfg002_auto_map_code_missing":
         cfg = read_config(d)
@@ -120,10 +107,10 @@ def build(name: str, out: Path) -> Path:
         victim = sorted(set(read_index(d)["weight_map"].values()))[1]
         (d / victim).unlink()
     elif name == "ten004_untied_lm_head_missing":
-        shard_edit(d, lambda t: t.pop("lm_head.weight"))
+        edit_shard(d, lambda t: t.pop("lm_head.weight"))
     elif name == "ten004_tied_other_lm_head":
         torch.manual_seed(1)
-        shard_edit(d, lambda t: t.__setitem__("lm_head.weight", torch.randn(256, 128, dtype=torch.float32)))
+        edit_shard(d, lambda t: t.__setitem__("lm_head.weight", torch.randn(256, 128, dtype=torch.float32)))
     elif name.startswith("sft001_header_len_2e62"):
         if name.endswith("no_dtype"):  # vLLM then reads the headers itself to pick the dtype
             cfg = read_config(d)

@@ -103,3 +103,22 @@ def leak_quantizer_state(d: Path, modules=("model.layers.0.self_attn.q_proj",), 
             idx["weight_map"][n] = shard.name
         write_index(d, idx)
     return added
+
+
+def edit_shard(d: Path, change, fname: str | None = None) -> str:
+    """Rewrite one shard (the first by name unless given) with change(tensors) applied, keeping
+    the index in step with what it now holds; returns the shard's name."""
+    d = Path(d)
+    fname = fname or sorted(p.name for p in d.glob("*.safetensors"))[0]
+    tensors = load_shard(d / fname)
+    before = set(tensors)
+    change(tensors)
+    save_shard(d / fname, tensors)
+    if (d / "model.safetensors.index.json").exists():
+        idx = read_index(d)
+        for n in before - set(tensors):
+            idx["weight_map"].pop(n)
+        for n in set(tensors) - before:
+            idx["weight_map"][n] = fname
+        write_index(d, idx)
+    return fname

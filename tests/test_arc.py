@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import (leak_quantizer_state, load_shard, read_config, read_index, save_shard,
-                      save_tiny_model, write_config, write_index)
+from builders import (edit_shard, leak_quantizer_state, load_shard, read_config, read_index, save_tiny_model, write_config)
 from fqcheck.api import lint
 from fqcheck.checks.arc import build_meta_model
 from fqcheck.fix.edits import DropTensor
@@ -41,21 +40,6 @@ def shard_of(d: Path, tensor: str) -> str:
     return read_index(d)["weight_map"][tensor] if idx.exists() else "model.safetensors"
 
 
-def edit_shard(d: Path, fname: str, change) -> None:
-    """Rewrite one shard with change(tensors) applied and keep the index in step."""
-    tensors = load_shard(d / fname)
-    before = set(tensors)
-    change(tensors)
-    save_shard(d / fname, tensors)
-    if (d / "model.safetensors.index.json").exists():
-        idx = read_index(d)
-        for n in before - set(tensors):
-            idx["weight_map"].pop(n)
-        for n in set(tensors) - before:
-            idx["weight_map"][n] = fname
-        write_index(d, idx)
-
-
 @pytest.mark.parametrize("model_type,kw", [
     ("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {}), ("llama", {"tie": True}),
     ("qwen2", {"tie": True}), ("llama", {"shards": 3}), ("qwen3_moe", MOE), ("mixtral", {"num_local_experts": 4}),
@@ -72,7 +56,7 @@ def test_arc_rules_run_by_default_and_build_the_model_only_with_arch(tmp_path_fa
     # whose message names the model class
     d = model_copy(tmp_path_factory, tmp_path, "llama")
     name = "model.layers.1.mlp.down_proj.weight"
-    edit_shard(d, "model.safetensors", lambda t: t.pop(name))
+    edit_shard(d, fname="model.safetensors", change=lambda t: t.pop(name))
     for kw in ({}, {"arch": True}, {"deep": True}):
         r = lint(d, select=["ARC"], **kw)
         assert {"ARC001", "ARC002", "ARC003"} <= set(r.rules_run)
@@ -84,7 +68,7 @@ def test_arc001_extra_tensor_in_shard_and_index(tmp_path_factory, tmp_path):
     d = model_copy(tmp_path_factory, tmp_path, "llama", shards=3)
     fname = shard_of(d, "model.layers.1.mlp.up_proj.weight")
     name = "model.layers.1.mlp.extra_proj.weight"
-    edit_shard(d, fname, lambda t: t.__setitem__(name, torch.zeros(4, 32, dtype=torch.bfloat16)))
+    edit_shard(d, fname=fname, change=lambda t: t.__setitem__(name, torch.zeros(4, 32, dtype=torch.bfloat16)))
     r = arc(d)
     assert found(r) == [("ARC001", fname, name)]
     f = r.findings[0]
@@ -102,7 +86,7 @@ def test_arc001_fixed_by_dropping_the_tensor_from_shard_and_index(tmp_path_facto
     index = read_index(d)
     fname = shard_of(d, "model.layers.1.mlp.up_proj.weight")
     name = "model.layers.1.mlp.extra_proj.weight"
-    edit_shard(d, fname, lambda t: t.__setitem__(name, torch.zeros(4, 32, dtype=torch.bfloat16)))
+    edit_shard(d, fname=fname, change=lambda t: t.__setitem__(name, torch.zeros(4, 32, dtype=torch.bfloat16)))
     res = fqcheck.fix(d, select=["ARC"], arch=True, backup=False)
     assert [(f.code, f.tensor) for f in res.applied] == [("ARC001", name)] and res.ok
     assert read_index(d) == index
@@ -116,7 +100,7 @@ def test_arc001_fixed_by_dropping_the_tensor_from_shard_and_index(tmp_path_facto
 def test_arc002_tensor_removed(tmp_path_factory, tmp_path):
     d = model_copy(tmp_path_factory, tmp_path, "llama", shards=3)
     name = "model.layers.1.mlp.down_proj.weight"
-    edit_shard(d, shard_of(d, name), lambda t: t.pop(name))
+    edit_shard(d, fname=shard_of(d, name), change=lambda t: t.pop(name))
     r = arc(d)
     assert found(r) == [("ARC002", "config.json", name)]
     assert "expected shape [32, 64]" in r.findings[0].message
@@ -127,14 +111,14 @@ def test_arc002_expert_removed_named_as_saved(tmp_path_factory, tmp_path):
     # transformers fuses experts on load; the finding names the per-expert tensor save_pretrained writes.
     d = model_copy(tmp_path_factory, tmp_path, "qwen3_moe", **MOE)
     name = "model.layers.0.mlp.experts.2.up_proj.weight"
-    edit_shard(d, "model.safetensors", lambda t: t.pop(name))
+    edit_shard(d, fname="model.safetensors", change=lambda t: t.pop(name))
     assert found(arc(d)) == [("ARC002", "config.json", name)]
 
 
 def test_arc001_expert_beyond_num_experts(tmp_path_factory, tmp_path):
     d = model_copy(tmp_path_factory, tmp_path, "qwen3_moe", **MOE)
     name = "model.layers.1.mlp.experts.4.down_proj.weight"
-    edit_shard(d, "model.safetensors", lambda t: t.__setitem__(name, t["model.layers.1.mlp.experts.3.down_proj.weight"].clone()))
+    edit_shard(d, fname="model.safetensors", change=lambda t: t.__setitem__(name, t["model.layers.1.mlp.experts.3.down_proj.weight"].clone()))
     assert found(arc(d)) == [("ARC001", "model.safetensors", name)]
 
 
@@ -150,9 +134,9 @@ def test_fused_expert_layout_loads_too(tmp_path_factory, tmp_path):
             down = [t.pop(f"{p}.{e}.down_proj.weight") for e in range(4)]
             t[f"{p}.gate_up_proj"] = torch.cat([torch.stack(gate), torch.stack(up)], dim=1)
             t[f"{p}.down_proj"] = torch.stack(down)
-    edit_shard(d, "model.safetensors", fuse)
+    edit_shard(d, fname="model.safetensors", change=fuse)
     assert found(arc(d)) == []
-    edit_shard(d, "model.safetensors", lambda t: t.__setitem__(
+    edit_shard(d, fname="model.safetensors", change=lambda t: t.__setitem__(
         "model.layers.0.mlp.experts.down_proj", t["model.layers.0.mlp.experts.down_proj"][:3].clone()))
     assert found(arc(d)) == [("ARC003", "model.safetensors", "model.layers.0.mlp.experts.down_proj")]
 
@@ -160,7 +144,7 @@ def test_fused_expert_layout_loads_too(tmp_path_factory, tmp_path):
 def test_arc003_wrong_shape(tmp_path_factory, tmp_path):
     d = model_copy(tmp_path_factory, tmp_path, "qwen2")
     name = "model.layers.0.self_attn.k_proj.weight"
-    edit_shard(d, "model.safetensors", lambda t: t.__setitem__(name, torch.zeros(8, 32, dtype=torch.bfloat16)))
+    edit_shard(d, fname="model.safetensors", change=lambda t: t.__setitem__(name, torch.zeros(8, 32, dtype=torch.bfloat16)))
     r = arc(d)
     assert found(r) == [("ARC003", "model.safetensors", name)]
     assert "has shape [8, 32]" in r.findings[0].message and "expects [16, 32]" in r.findings[0].message
@@ -178,7 +162,7 @@ def test_arc003_config_disagrees_with_weights(tmp_path_factory, tmp_path):
 def test_tied_model_with_only_lm_head_stored_loads(tmp_path_factory, tmp_path):
     # transformers ties symmetrically: either of the pair is enough.
     d = model_copy(tmp_path_factory, tmp_path, "llama", tie=True)
-    edit_shard(d, "model.safetensors", lambda t: t.__setitem__("lm_head.weight", t.pop("model.embed_tokens.weight")))
+    edit_shard(d, fname="model.safetensors", change=lambda t: t.__setitem__("lm_head.weight", t.pop("model.embed_tokens.weight")))
     assert found(arc(d)) == []
 
 
@@ -201,7 +185,7 @@ def _fp8_layout(tensors, packed=False):
 @pytest.mark.parametrize("declare", ["fp8", "compressed-tensors", "hf_quant_config"])
 def test_real_quantized_fp8_layout_is_not_unexpected(tmp_path_factory, tmp_path, declare):
     d = model_copy(tmp_path_factory, tmp_path, "llama")
-    edit_shard(d, "model.safetensors", _fp8_layout)
+    edit_shard(d, fname="model.safetensors", change=_fp8_layout)
     assert {f.code for f in arc(d).findings} == {"ARC001"}  # undeclared: scales are unexpected
     if declare == "hf_quant_config":
         (d / "hf_quant_config.json").write_text(json.dumps(
@@ -215,7 +199,7 @@ def test_real_quantized_fp8_layout_is_not_unexpected(tmp_path_factory, tmp_path,
 
 def test_nvfp4_packed_weights_not_mis_shaped_when_declared(tmp_path_factory, tmp_path):
     d = model_copy(tmp_path_factory, tmp_path, "llama")
-    edit_shard(d, "model.safetensors", lambda t: _fp8_layout(t, packed=True))
+    edit_shard(d, fname="model.safetensors", change=lambda t: _fp8_layout(t, packed=True))
     cfg = read_config(d)
     cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4"}
     write_config(d, cfg)
@@ -231,7 +215,7 @@ def test_nvfp4_packed_weights_not_mis_shaped_when_declared(tmp_path_factory, tmp
 def test_scale_on_a_module_the_model_lacks_is_unexpected(tmp_path_factory, tmp_path):
     d = model_copy(tmp_path_factory, tmp_path, "llama")
     name = "model.layers.0.self_attn.qkv_proj.weight_scale"
-    edit_shard(d, "model.safetensors", lambda t: t.__setitem__(name, torch.tensor(1.0)))
+    edit_shard(d, fname="model.safetensors", change=lambda t: t.__setitem__(name, torch.tensor(1.0)))
     cfg = read_config(d)
     cfg["quantization_config"] = {"quant_method": "fp8"}
     write_config(d, cfg)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import load_shard, read_config, read_index, save_shard, save_tiny_model, write_config, write_index
+from builders import edit_shard, load_shard, read_config, read_index, save_tiny_model, write_config
 from fqcheck.api import lint
 from fqcheck.fix.edits import DropTensor
 
@@ -27,22 +27,6 @@ def copy(bases, tmp_path, which) -> Path:
     return Path(shutil.copytree(bases[which], tmp_path / which))
 
 
-def edit(d: Path, change, fname: str | None = None) -> str:
-    fname = fname or sorted(p.name for p in d.glob("*.safetensors"))[0]
-    tensors = load_shard(d / fname)
-    before = set(tensors)
-    change(tensors)
-    save_shard(d / fname, tensors)
-    if (d / "model.safetensors.index.json").exists():
-        idx = read_index(d)
-        for n in before - set(tensors):
-            idx["weight_map"].pop(n)
-        for n in set(tensors) - before:
-            idx["weight_map"][n] = fname
-        write_index(d, idx)
-    return fname
-
-
 def arc(d):
     r = lint(d)  # the default lint: no flags
     assert {"ARC001", "ARC002", "ARC003"} <= set(r.rules_run)
@@ -56,7 +40,7 @@ def test_clean_checkpoints_have_no_findings_by_default(bases, which):
 
 def test_missing_weight_found_by_default(bases, tmp_path):
     d = copy(bases, tmp_path, "llama")
-    edit(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    edit_shard(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
     found, r = arc(d)
     assert found == [("ARC002", "config.json", "model.layers.1.mlp.down_proj.weight")]
     assert "vLLM 0.32 loads without it" in r.findings[0].message
@@ -65,7 +49,7 @@ def test_missing_weight_found_by_default(bases, tmp_path):
 def test_wrong_shape_found_by_default(bases, tmp_path):
     d = copy(bases, tmp_path, "llama")
     name = "model.layers.0.mlp.down_proj.weight"
-    fname = edit(d, lambda t: t.__setitem__(name, t[name][:, :48].clone()))
+    fname = edit_shard(d, lambda t: t.__setitem__(name, t[name][:, :48].clone()))
     found, r = arc(d)
     assert found == [("ARC003", fname, name)]
     assert "has shape [32, 48], expected [32, 64]" in r.findings[0].message
@@ -77,7 +61,7 @@ def test_unknown_tensor_found_by_default_and_fixed(bases, tmp_path):
     fname = read_index(d)["weight_map"]["model.layers.0.mlp.up_proj.weight"]
     before = {f: (d / f).read_bytes() for f in read_index(d)["weight_map"].values()}
     name = "model.layers.0.mlp.extra_gate.weight"
-    edit(d, lambda t: t.__setitem__(name, torch.ones(4, 32, dtype=torch.bfloat16)), fname)
+    edit_shard(d, lambda t: t.__setitem__(name, torch.ones(4, 32, dtype=torch.bfloat16)), fname)
     found, r = arc(d)
     assert found == [("ARC001", fname, name)]
     f = r.findings[0]
@@ -97,7 +81,7 @@ def test_moe_missing_expert_and_extra_module(bases, tmp_path):
     def damage(t):
         t.pop(gone, None)
         t[extra] = torch.zeros(4, dtype=torch.bfloat16)
-    edit(d, damage)
+    edit_shard(d, damage)
     found, r = arc(d)
     assert found == [("ARC002", "config.json", gone), ("ARC001", "model.safetensors", extra)]
     # a generic (not config-derived) guess: dropping needs --unsafe-fixes
@@ -131,7 +115,7 @@ def test_real_quantized_fp8_layout_is_not_flagged(bases, tmp_path):
             t[n.replace(".weight", ".weight_scale")] = torch.tensor(1.0)
             t[n.replace(".weight", ".input_scale")] = torch.tensor(1.0)
         t["model.layers.0.self_attn.k_scale"] = torch.tensor(1.0)
-    edit(d, to_fp8)
+    edit_shard(d, to_fp8)
     cfg = read_config(d)
     cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
     write_config(d, cfg)
@@ -140,7 +124,7 @@ def test_real_quantized_fp8_layout_is_not_flagged(bases, tmp_path):
 
 def test_header_half_imports_neither_torch_nor_transformers(bases, tmp_path):
     d = copy(bases, tmp_path, "llama")
-    edit(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    edit_shard(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
     code = ("import sys, fqcheck; r = fqcheck.lint(sys.argv[1]); "
             "assert not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules); "
             "print(sorted(f.code for f in r.findings))")
@@ -181,7 +165,7 @@ def test_packed_real_quantized_layouts_are_not_flagged(bases, tmp_path, method):
                 t[f"{base}.qzeros"] = torch.zeros(1, out // 8, dtype=torch.int32)
                 t[f"{base}.scales"] = torch.ones(1, out, dtype=torch.float16)
                 t[f"{base}.g_idx"] = torch.zeros(inp, dtype=torch.int32)
-    edit(d, pack)
+    edit_shard(d, pack)
     cfg = read_config(d)
     if method == "modelopt-nvfp4":
         (d / "hf_quant_config.json").write_text('{"quantization": {"quant_algo": "NVFP4"}}')
@@ -202,5 +186,5 @@ def test_layers_past_num_hidden_layers_are_not_compared(bases, tmp_path):
         for m in ("enorm", "hnorm"):
             t[f"model.layers.4.{m}.weight"] = torch.ones(32, dtype=torch.bfloat16)
         t["model.layers.4.eh_proj.weight"] = torch.ones(32, 64, dtype=torch.bfloat16)
-    edit(d, add_mtp)
+    edit_shard(d, add_mtp)
     assert lint(d, select=["ARC"]).findings == []

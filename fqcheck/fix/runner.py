@@ -7,7 +7,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from ..checkpoint import BACKUP_DIR, Checkpoint, CheckpointError
 from ..options import Options
