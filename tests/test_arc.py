@@ -229,8 +229,8 @@ def test_leaked_quantizer_state_is_left_to_qnt001(tiny_llama):
 
 def test_legacy_rotary_inv_freq_is_accepted(tmp_path_factory, tmp_path):
     d = model_copy(tmp_path_factory, tmp_path, "llama")
-    edit_shard(d, "model.safetensors",
-               lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(4)))
+    edit_shard(d, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(4)),
+               "model.safetensors")
     assert found(arc(d)) == []
 
 
