@@ -22,6 +22,7 @@ from .checkpoint import safetensors as st
 from .checkpoint.data import ShardData
 from .engine import Hit
 from .names import LM_HEAD, embedding_name
+from .options import Options
 from .progress import bar as progress_bar
 
 CHUNK_BYTES = 64 << 20   # one mmap window; resident memory is bounded by this
@@ -255,9 +256,9 @@ def _fingerprint(sd: ShardData, entry: st.TensorEntry) -> bytes:
 
 
 
-def scan_for(ckpt: Checkpoint, options: dict) -> DeepScan:
+def scan_for(ckpt: Checkpoint, options: Options | None = None) -> DeepScan:
     """The pass as the deep checks call it: progress off under --quiet."""
-    return scan(ckpt, progress=False if options.get("quiet") else None)
+    return scan(ckpt, progress=False if options is not None and options.quiet else None)
 
 
 # -- tied embeddings (TEN004's deep half; the TEN004 check itself lives in checks/ten.py) --------
@@ -282,7 +283,7 @@ def _key(ckpt: Checkpoint, name: str, deep: DeepScan) -> tuple[str, str] | None:
     return None
 
 
-def tied_embedding_hits(ckpt: Checkpoint, **options) -> list[Hit]:
+def tied_embedding_hits(ckpt: Checkpoint, options: Options | None = None) -> list[Hit]:
     """TEN004, deep half: tie_word_embeddings is true and the stored lm_head.weight has other bytes
     than the input embedding (loaders tie the two and silently drop the stored lm_head)."""
     if not tie_word_embeddings(ckpt) or LM_HEAD not in ckpt.tensor_files:

@@ -43,7 +43,22 @@ class Hit:
     fix: Fix = None
 
 
-CheckFn = Callable[..., Iterable[Hit]]
+@dataclass
+class Context:
+    """What a check is given: the checkpoint, the run's options (typed, one Options for lint and
+    fix alike), and a memo the checks of one run share (`once`)."""
+    ckpt: Checkpoint
+    options: Options = field(default_factory=Options)
+    memo: dict = field(default_factory=dict)
+
+    def once(self, key, make):
+        """make() the first time `key` is asked for in this run; the same value after."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
+
+CheckFn = Callable[[Context], Iterable[Hit]]
 _CHECKS: dict[str, CheckFn] = {}
 
 
@@ -123,9 +138,7 @@ def run(ckpt: Checkpoint, rules: list[Rule], options: Options | None = None) -> 
 
 def _run(ckpt: Checkpoint, rules: list[Rule], options: Options) -> list[Finding]:
     _import_checks()
-    # deep / arch let a header rule add its deep or meta-build half
-    kwargs = {"device": options.device, "deep": options.deep, "arch": options.arch or options.deep,
-              "quiet": options.quiet, "quant_format": options.quant_format}
+    ctx = Context(ckpt, options)
     severity = options.severity
     findings: list[Finding] = []
     for rule in rules:
@@ -134,7 +147,7 @@ def _run(ckpt: Checkpoint, rules: list[Rule], options: Options) -> list[Finding]
             from .checks.declarative import evaluate
             hits: Iterator[Hit] = evaluate(rule, ckpt)
         else:
-            hits = fn(ckpt, **kwargs) if _wants_options(fn) else fn(ckpt)
+            hits = fn(ctx)
         try:
             for h in hits:
                 findings.append(Finding(
@@ -145,6 +158,3 @@ def _run(ckpt: Checkpoint, rules: list[Rule], options: Options) -> list[Finding]
     findings.sort(key=lambda f: (f.file or "", -SEVERITY_RANK[f.severity], f.code, f.tensor or ""))
     return findings
 
-
-def _wants_options(fn: CheckFn) -> bool:
-    return fn.__code__.co_flags & 0x08 != 0  # accepts **kwargs

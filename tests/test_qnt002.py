@@ -107,7 +107,7 @@ def test_weight_whose_quantizer_the_cfg_disables_is_not_judged(tmp_path):
 
 # ---- QNT003, deep half ---------------------------------------------------------------------------
 def hits(d):
-    return [(h.file, h.tensor, h.message) for h in deep_state_problems(Checkpoint.open(d))]
+    return [(file, tensor, message) for message, file, tensor in deep_state_problems(Checkpoint.open(d))]
 
 
 def test_qnt003_deep_clean_export_has_none(tmp_path):

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ..checkpoint import CONFIG_NAME, Checkpoint
-from ..engine import Hit, check
+from ..engine import Context, Hit, check
+from ..options import Options
 from ..fix.edits import DropTensor
 
 # Real-quantized exports store, next to (or instead of) a module's `weight`, tensors the float model
@@ -338,8 +339,9 @@ def _shape(s: tuple) -> str:
     return "[" + ", ".join(map(str, s)) + "]"
 
 
-def _meta(options: dict) -> bool:
-    return bool(options.get("arch") or options.get("deep"))
+def _meta(options: Options) -> bool:
+    """Build the model on the meta device (--arch, or --deep which includes it)?"""
+    return options.arch or options.deep
 
 
 def _header_half(ckpt: Checkpoint):
@@ -367,8 +369,9 @@ def _in_file(ckpt: Checkpoint, tensor: str) -> str | None:
 
 
 @check("ARC001")
-def unexpected_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
-    c = compare(ckpt) if _meta(options) else None
+def unexpected_tensors(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
+    c = compare(ckpt) if _meta(ctx.options) else None
     if c is None or c.not_checkable:
         if c is not None:
             yield Hit(f"architecture not checkable: {c.not_checkable}; the header-only comparison of the "
@@ -393,8 +396,9 @@ def _in_missing_shard(ckpt: Checkpoint, tensor: str) -> bool:
 
 
 @check("ARC002")
-def missing_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
-    c = compare(ckpt) if _meta(options) else None
+def missing_tensors(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
+    c = compare(ckpt) if _meta(ctx.options) else None
     if c is None or c.not_checkable:
         for tensor, why in header_findings(ckpt).missing:
             if not _in_missing_shard(ckpt, tensor):
@@ -408,8 +412,9 @@ def missing_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
 
 
 @check("ARC003")
-def mismatched_shapes(ckpt: Checkpoint, **options) -> Iterator[Hit]:
-    c = compare(ckpt) if _meta(options) else None
+def mismatched_shapes(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
+    c = compare(ckpt) if _meta(ctx.options) else None
     if c is None or c.not_checkable:
         for tensor, found, expected, why in header_findings(ckpt).mismatched:
             yield Hit(f"{tensor} has shape {_shape(found)}, expected {_shape(expected)}: {why}. {SHAPE_EFFECT}",

@@ -5,8 +5,8 @@ from itertools import repeat
 from typing import Iterator
 
 from ..catalog import schema_path
-from ..checkpoint import CONFIG_NAME, Checkpoint
-from ..engine import Hit, check
+from ..checkpoint import CONFIG_NAME
+from ..engine import Context, Hit, check
 from ..fix.edits import DropJsonKey
 
 CONFIG_SCHEMA = "config.schema.json"
@@ -18,7 +18,8 @@ SCALE_SUFFIXES = ("_scale", "_scale_2", "scale_inv", "_amax", "zero_point", ".sc
 
 
 @check("CFG001")
-def config_invalid(ckpt: Checkpoint) -> Iterator[Hit]:
+def config_invalid(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     if getattr(ckpt, "_only", None) is not None:
         return  # linting one file: there is no directory config to expect
     cfg = ckpt.config
@@ -46,7 +47,8 @@ def _auto_map_refs(auto_map: dict) -> list[str]:
 
 
 @check("CFG002")
-def auto_map(ckpt: Checkpoint) -> Iterator[Hit]:
+def auto_map(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     cfg = ckpt.config
     if cfg is None or not isinstance(cfg.data, dict) or "auto_map" not in cfg.data:
         return
@@ -77,7 +79,8 @@ def auto_map(ckpt: Checkpoint) -> Iterator[Hit]:
 
 
 @check("CFG003")
-def dtype_mismatch(ckpt: Checkpoint) -> Iterator[Hit]:
+def dtype_mismatch(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     cfg = ckpt.config
     if cfg is None or not isinstance(cfg.data, dict):
         return

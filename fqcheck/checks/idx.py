@@ -23,7 +23,7 @@ from typing import Iterator
 from ..catalog import schema_path
 from ..checkpoint import INDEX_NAME, Checkpoint, SafetensorsHeader
 from ..checkpoint import safetensors as st
-from ..engine import Hit, check
+from ..engine import Context, Hit, check
 from ..fix.index import total_size
 from ..names import is_quantizer_state
 from ..fix.edits import DropTensor, RebuildIndex, RetireFile
@@ -302,7 +302,8 @@ def _plural(n: int, word: str) -> str:
 # ---- the checks -----------------------------------------------------------------------------------
 
 @check("IDX001")
-def missing_index(ckpt: Checkpoint) -> Iterator[Hit]:
+def missing_index(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     v = index_view(ckpt)
     if v.present or len(ckpt.safetensors_names) < 2:
         return
@@ -315,7 +316,8 @@ def missing_index(ckpt: Checkpoint) -> Iterator[Hit]:
 
 
 @check("IDX002")
-def bad_index(ckpt: Checkpoint) -> Iterator[Hit]:
+def bad_index(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     v = index_view(ckpt)
     if not v.problems:
         return
@@ -326,7 +328,8 @@ def bad_index(ckpt: Checkpoint) -> Iterator[Hit]:
 
 
 @check("IDX003")
-def missing_shard(ckpt: Checkpoint) -> Iterator[Hit]:
+def missing_shard(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     v = index_view(ckpt)
     if not v.usable or not v.missing:
         return
@@ -344,7 +347,8 @@ def missing_shard(ckpt: Checkpoint) -> Iterator[Hit]:
 
 
 @check("IDX004")
-def entry_not_in_shard(ckpt: Checkpoint) -> Iterator[Hit]:
+def entry_not_in_shard(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     v = index_view(ckpt)
     if not v.usable or v.exact:
         return
@@ -378,7 +382,8 @@ def entry_not_in_shard(ckpt: Checkpoint) -> Iterator[Hit]:
 
 
 @check("IDX005")
-def tensor_not_in_index(ckpt: Checkpoint) -> Iterator[Hit]:
+def tensor_not_in_index(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     v = index_view(ckpt)
     if not v.usable or v.exact:
         return
@@ -394,7 +399,8 @@ def tensor_not_in_index(ckpt: Checkpoint) -> Iterator[Hit]:
 
 
 @check("IDX006")
-def duplicate_tensor(ckpt: Checkpoint) -> Iterator[Hit]:
+def duplicate_tensor(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     v = index_view(ckpt)
     if not v.repeats:
         return
@@ -452,7 +458,8 @@ def _same_bytes(ha: SafetensorsHeader, hb: SafetensorsHeader, t: str, opened: di
 
 
 @check("IDX007")
-def wrong_total_size(ckpt: Checkpoint) -> Iterator[Hit]:
+def wrong_total_size(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     v = index_view(ckpt)
     if not v.usable or v.total_size is None or v.missing:
         return
@@ -468,7 +475,8 @@ def wrong_total_size(ckpt: Checkpoint) -> Iterator[Hit]:
 
 
 @check("IDX008")
-def stale_shard(ckpt: Checkpoint) -> Iterator[Hit]:
+def stale_shard(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     v = index_view(ckpt)
     if not v.usable:
         return
@@ -501,7 +509,8 @@ def stale_shard(ckpt: Checkpoint) -> Iterator[Hit]:
 
 
 @check("IDX009")
-def escaping_path(ckpt: Checkpoint) -> Iterator[Hit]:
+def escaping_path(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     v = index_view(ckpt)
     if not v.escapes:
         return

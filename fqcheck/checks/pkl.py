@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..checkpoint import Checkpoint
-from ..engine import Hit, check
+from ..engine import Context, Hit, check
 
 MAX_LISTED = 8
 
 
 @check("PKL001")
-def unsafe_globals(ckpt: Checkpoint) -> Iterator[Hit]:
+def unsafe_globals(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     if not ckpt.pickle_names:
         return
     from ..checkpoint.pickle_scan import scan_cached  # imported only when there are pickle files

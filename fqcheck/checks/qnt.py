@@ -5,12 +5,14 @@ import re
 from typing import Iterator
 
 from ..checkpoint import STATE_NAME, Checkpoint
-from ..engine import Hit, check
+from ..engine import Context, Hit, check
 from ..fix.edits import DropTensor
 from ..names import is_quantizer_state
 
+
 @check("QNT001")
-def leaked_quantizer_state(ckpt: Checkpoint) -> Iterator[Hit]:
+def leaked_quantizer_state(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     for fname, h in ckpt.headers().items():
         for t in h.names:
             if is_quantizer_state(t):
@@ -34,23 +36,29 @@ def weight_of_amax(tensor: str) -> str | None:
 
 
 @check("QNT003")
-def state_file(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+def state_file(ctx: Context) -> Iterator[Hit]:
     """QNT003 for vllm_fq_modelopt_state.pth.
 
     Hand-off: this function owns the code (one check per code). It always runs the header half
     (state_file_header_problems: is the file loadable with torch.load(weights_only=True), judged
     from the opcode scan, nothing loaded). Only with options["deep"] and only when the header half
     found nothing does it call fqcheck.quant.state.deep_state_problems(ckpt) (amax finite and
-    positive, module names present in the weights), imported lazily: skipped when not installed."""
+    positive, module names present in the weights): fqcheck.quant reads the state and returns its
+    problems as data; without torch there is nothing to load, and the header half stands alone."""
+    ckpt = ctx.ckpt
     header = list(state_file_header_problems(ckpt))
     yield from header
-    if header or not options.get("deep") or STATE_NAME not in ckpt.names:
+    if header or not ctx.options.deep or STATE_NAME not in ckpt.names or not torch_installed():
         return
-    try:
-        from ..quant.state import deep_state_problems
-    except ImportError:
-        return
-    yield from deep_state_problems(ckpt)
+    from ..quant.state import deep_state_problems
+    for message, file, tensor in deep_state_problems(ckpt):
+        yield Hit(message, file=file, tensor=tensor)
+
+
+def torch_installed() -> bool:
+    """The deep halves compute with torch, an optional dependency (`fqcheck[deep]`)."""
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None
 
 
 # The layout of modelopt 0.41-0.43's FakeQuant export: bf16 weights left unfolded on purpose and the

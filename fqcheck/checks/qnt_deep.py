@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checkpoint.safetensors import FLOAT_DTYPES
-from ..engine import Hit, check
+from ..engine import Context, Hit, check
 from ..fix.edits import ReplaceTensor
 from ..quant.state import STAGE_RE
-from .qnt import OLD_AMAX_NAME
+from .qnt import OLD_AMAX_NAME, torch_installed
 
 
 class Refold:
@@ -43,14 +43,13 @@ class Refold:
 
 
 @check("QNT002")
-def unquantized_weights(ckpt, **options):
+def unquantized_weights(ctx: Context):
+    ckpt = ctx.ckpt
     if not _has_quantizer_state(ckpt):
         return  # nothing names a quantizer: no torch import, no reading (issue 15)
-    try:
-        import torch  # noqa: F401
-    except ImportError:  # deep checks need torch; without it there is nothing to compare
+    if not torch_installed():  # the grid test computes with torch; without it there is nothing to compare
         return
-    yield from weight_hits(ckpt, options.get("device") or "auto", options.get("quant_format"))
+    yield from weight_hits(ckpt, ctx.options.device, ctx.options.quant_format)
 
 
 def _has_quantizer_state(ckpt) -> bool:

@@ -6,7 +6,7 @@ from typing import Iterator
 
 from ..checkpoint import Checkpoint
 from ..checkpoint import safetensors as st
-from ..engine import Hit, check
+from ..engine import Context, Hit, check
 from ..fix.edits import SetMetadata
 
 
@@ -18,32 +18,38 @@ def _problems(ckpt: Checkpoint, kind: str) -> Iterator[Hit]:
 
 
 @check("SFT001")
-def header_unreadable(ckpt: Checkpoint) -> Iterator[Hit]:
+def header_unreadable(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     return _problems(ckpt, st.UNREADABLE)
 
 
 @check("SFT002")
-def invalid_entry(ckpt: Checkpoint) -> Iterator[Hit]:
+def invalid_entry(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     return _problems(ckpt, st.BAD_ENTRY)
 
 
 @check("SFT003")
-def overlapping_data(ckpt: Checkpoint) -> Iterator[Hit]:
+def overlapping_data(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     return _problems(ckpt, st.OVERLAP)
 
 
 @check("SFT004")
-def buffer_mismatch(ckpt: Checkpoint) -> Iterator[Hit]:
+def buffer_mismatch(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     return _problems(ckpt, st.BUFFER)
 
 
 @check("SFT005")
-def duplicate_name(ckpt: Checkpoint) -> Iterator[Hit]:
+def duplicate_name(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     return _problems(ckpt, st.DUPLICATE)
 
 
 @check("SFT006")
-def bad_metadata(ckpt: Checkpoint) -> Iterator[Hit]:
+def bad_metadata(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     for fname, h in ckpt.headers().items():
         for p in h.problems:
             if p.kind == st.METADATA:

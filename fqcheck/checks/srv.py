@@ -12,7 +12,7 @@ from typing import Iterator
 
 from ..checkpoint import Checkpoint
 from ..checkpoint.safetensors import columns
-from ..engine import Hit, check
+from ..engine import Context, Hit, check
 from ..fix.edits import DropTensor
 from ..serve import formats as F
 from ..serve.config import Layout, Resolved, resolve
@@ -28,19 +28,12 @@ Kind = tuple  # (dtype, shape, nbytes), as the header columns hold it
 
 def _rule(code: str) -> None:
     @check(code)
-    def serve_rule(ckpt: Checkpoint) -> Iterator[Hit]:
-        return iter(_analyse(ckpt).get(code, ()))
+    def serve_rule(ctx: Context) -> Iterator[Hit]:  # the eight rules share one pass over the headers
+        return iter(ctx.once("srv", lambda: _Analysis(ctx.ckpt).run()).get(code, ()))
 
 
 for _code in CODES:
     _rule(_code)
-
-
-def _analyse(ckpt: Checkpoint) -> dict[str, list[Hit]]:
-    done = ckpt.__dict__.get("_srv_findings")  # the eight rules share one pass over the headers
-    if done is None:
-        done = ckpt.__dict__["_srv_findings"] = _Analysis(ckpt).run()
-    return done
 
 
 class _Analysis:

@@ -5,7 +5,7 @@ from typing import Iterator
 
 from ..checkpoint import Checkpoint
 from ..checkpoint import safetensors as st
-from ..engine import Hit, check
+from ..engine import Context, Hit, check
 
 from ..names import EMBED_NAMES, LM_HEAD
 
@@ -13,7 +13,8 @@ MAX_LISTED = 8
 
 
 @check("TEN001")
-def meta_tensors(ckpt: Checkpoint) -> Iterator[Hit]:
+def meta_tensors(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     if not ckpt.pickle_names:
         return
     from ..checkpoint.pickle_scan import scan_cached  # imported only when there are pickle files
@@ -33,19 +34,17 @@ def meta_tensors(ckpt: Checkpoint) -> Iterator[Hit]:
 
 
 @check("TEN004")
-def tied_embeddings(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+def tied_embeddings(ctx: Context) -> Iterator[Hit]:
     """Header half of TEN004: the tie flag against which heads are stored, their shapes and dtypes.
 
-    Hand-off: with options["deep"], the byte comparison of a stored lm_head against the embedding
-    (tie true, same shape and dtype) is done by fqcheck.deep.tied_embedding_hits(ckpt), written
-    separately; it is imported lazily and skipped when that module is not installed."""
+    Hand-off: with --deep, the byte comparison of a stored lm_head against the embedding (tie true,
+    same shape and dtype) is fqcheck.deep.tied_embedding_hits, on the shared pass over the data
+    (imported only then)."""
+    ckpt = ctx.ckpt
     yield from _tied_header(ckpt)
-    if options.get("deep"):
-        try:
-            from ..deep import tied_embedding_hits
-        except ImportError:
-            return
-        yield from tied_embedding_hits(ckpt)
+    if ctx.options.deep:
+        from ..deep import tied_embedding_hits
+        yield from tied_embedding_hits(ckpt, ctx.options)
 
 
 def _tied_header(ckpt: Checkpoint) -> Iterator[Hit]:

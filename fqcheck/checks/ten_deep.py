@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..checkpoint import Checkpoint
-from ..engine import Hit, check
+from ..engine import Context, Hit, check
 
 DUP_MIN_BYTES = 1024   # smaller tensors (scales, tiny norms) repeat by chance: not worth a finding
 ZERO_MIN_NUMEL = 256   # an all-zero weight this small may be deliberate
 
 
 @check("TEN002")
-def duplicate_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+def duplicate_tensors(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     from ..deep import scan_for, tie_word_embeddings
     from ..names import LM_HEAD, embedding_name
     from ..fix.edits import DropTensor
 
-    deep = scan_for(ckpt, options)
+    deep = scan_for(ckpt, ctx.options)
     # Matrices only, not all zero (TEN005's business): 1-D norms and biases of a fresh model
     # are all ones or all zeros and would all match each other.
     keys = [k for k, s in deep.stats.items()
@@ -46,20 +46,22 @@ def duplicate_tensors(ckpt: Checkpoint, **options) -> Iterator[Hit]:
 
 
 @check("TEN003")
-def non_finite(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+def non_finite(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     from ..deep import scan_for
 
-    for (f, t), s in sorted(scan_for(ckpt, options).stats.items()):
+    for (f, t), s in sorted(scan_for(ckpt, ctx.options).stats.items()):
         if s.nonfinite:
             parts = [f"{n} {what}" for n, what in ((s.nan, "NaN"), (s.inf, "Inf")) if n]
             yield Hit(f"{' and '.join(parts)} in {s.numel} {s.dtype} values", file=f, tensor=t)
 
 
 @check("TEN005")
-def all_zero_weight(ckpt: Checkpoint, **options) -> Iterator[Hit]:
+def all_zero_weight(ctx: Context) -> Iterator[Hit]:
+    ckpt = ctx.ckpt
     from ..deep import scan_for
 
-    for (f, t), s in sorted(scan_for(ckpt, options).stats.items()):
+    for (f, t), s in sorted(scan_for(ckpt, ctx.options).stats.items()):
         # Matrices named *.weight only: fresh models zero biases and some norms on purpose.
         if s.all_zero and t.endswith(".weight") and len(s.shape) >= 2 and s.numel >= ZERO_MIN_NUMEL:
             yield Hit(f"all {s.numel} {s.dtype} values are zero: a materialised placeholder "

@@ -314,14 +314,13 @@ def spec_from_attrs(attrs: dict, q: Quantizer, weight_shape) -> tuple[object, st
 
 
 def deep_state_problems(ckpt):
-    """QNT003 deep half: unloadable state file, amax non-finite, <= 0 or meta, and quantizers naming
-    modules absent from the weights. Yields engine Hits."""
+    """QNT003's deep half, as data: (message, file, tensor) for an unloadable state file, an amax
+    that is non-finite, <= 0 or meta, and quantizers naming modules absent from the weights."""
     from ..deep import tie_word_embeddings
-    from ..engine import Hit
     torch = _torch()
     state = load_state(ckpt)
     for fname, tensor, msg in state.problems:
-        yield Hit(msg, file=fname, tensor=tensor)
+        yield (msg, fname, tensor)
     modules = set()  # every dotted prefix of a tensor name: attention bmm quantizers sit on parents
     for n in ckpt.tensor_files:
         parts = n.split(".")
@@ -332,21 +331,21 @@ def deep_state_problems(ckpt):
         tensor = f"{name}._amax" if where != STATE_NAME else None
         if q.amax is not None and isinstance(q.amax, torch.Tensor):
             if q.amax.is_meta:
-                yield Hit(f"{name}._amax is a meta tensor (no data)", file=where, tensor=tensor)
+                yield (f"{name}._amax is a meta tensor (no data)", where, tensor)
             elif q.amax.numel():
                 a = q.amax.detach().to(torch.float32)
                 bad = int((~torch.isfinite(a)).sum())
                 if bad:
-                    yield Hit(f"{name}._amax has {bad} non-finite value(s) of {a.numel()}", file=where, tensor=tensor)
+                    yield (f"{name}._amax has {bad} non-finite value(s) of {a.numel()}", where, tensor)
                 nonpos = int((a <= 0).sum())
                 if nonpos:
-                    yield Hit(f"{name}._amax has {nonpos} value(s) <= 0 of {a.numel()} (min {float(a.min()):g})",
-                              file=where, tensor=tensor)
+                    yield (f"{name}._amax has {nonpos} value(s) <= 0 of {a.numel()} (min {float(a.min()):g})",
+                           where, tensor)
         # A disabled quantizer with no tensors (lm_head's in every default config) carries nothing
         # to load; a tied lm_head stores no weight of its own.
         live = q.amax is not None or q.pre_quant_scale is not None or not q.attrs.get("_disabled", False)
         tied = q.module == "lm_head" and tie_word_embeddings(ckpt)
         if state.state_loaded and q.module and q.module not in modules and live and not tied and \
                 (q.amax_where == STATE_NAME or q.attrs):
-            yield Hit(f"{STATE_NAME} names quantizer {name} of module {q.module}, which has no tensors in the weights",
-                      file=STATE_NAME)
+            yield (f"{STATE_NAME} names quantizer {name} of module {q.module}, which has no tensors in the weights",
+                   STATE_NAME, None)
