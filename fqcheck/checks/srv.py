@@ -7,7 +7,9 @@ The analysis works on groups of module names, never module by module: a DeepSeek
 dict step per name); formats are then checked per (suffix, kind) group with set operations."""
 from __future__ import annotations
 
-from collections import defaultdict
+import operator
+from collections import defaultdict, deque
+from operator import itemgetter
 from typing import Iterator
 
 from ..checkpoint import Checkpoint
@@ -24,6 +26,7 @@ NO_PARAM = ("vLLM 0.33 has no parameter for it and raises ValueError: There is n
             "'{t}' (KeyError: '{t}' in models with their own load_weights)")
 CODES = ("SRV001", "SRV002", "SRV003", "SRV004", "SRV005", "SRV006", "SRV007", "SRV008")
 Kind = tuple  # (dtype, shape, nbytes), as the header columns hold it
+_call = getattr(operator, "call", lambda f, x: f(x))  # operator.call is Python 3.11+
 
 
 def _rule(code: str) -> None:
@@ -105,18 +108,20 @@ class _Analysis:
         if packed:  # a packed main tensor wins over a stray `weight` (reported by the contract)
             groups = [(s, k, [m for m in ms if m not in packed] if s == "weight" else ms) for s, k, ms in groups]
         evidence = [self.has(e) for e in F.EVIDENCE if T[e]]
-        stored_q: set[str] = set()   # stored quantized: a quantized dtype or a quantization tensor
+        qsets: list[set[str]] = []   # stored quantized: a quantized dtype or a quantization tensor
         floats: list[str] = []        # 2-D float weights without one: few in a quantized checkpoint
+        float_q: set[str] = set()
         for s, k, ms in groups:
             if k[0] in F.QUANT_DTYPES or s != "weight":
-                stored_q.update(ms)
+                qsets.append(set(ms))
                 continue
             two_d = len(k[1]) == 2
             for m in ms:
                 if any(m in e for e in evidence):
-                    stored_q.add(m)
+                    float_q.add(m)
                 elif two_d:
                     floats.append(m)
+        stored_q = _Members([*qsets, float_q])
         single = r.layout if r.layout is not None else r.groups[0][1]  # the layout when there is one
         if inferred(r):  # GPTQ/AWQ without lists: vLLM infers the quantized set from these very dtypes
             unq, layout_of = dict.fromkeys(floats, "inferred unquantized from its dtypes"), None
@@ -146,9 +151,11 @@ class _Analysis:
                      f"{layout.label} is declared for it and nothing excludes it: vLLM 0.33 builds the quantized "
                      "parameters and " + _float_into_quantized(layout), tensor=m, file=self.file_of(f"{m}.weight"))
         # Built and stored quantized: the contract, per (layout, main tensor kind).
+        quantized = iter(qsets)
         for s, kind, ms in groups:
-            q = stored_q.intersection(ms) if s == "weight" and kind[0] not in F.QUANT_DTYPES else set(ms)
-            q.difference_update(unq)
+            q = next(quantized) if kind[0] in F.QUANT_DTYPES or s != "weight" else float_q.intersection(ms)
+            if unq:
+                q = q.difference(unq)
             if not q:
                 continue
             if layout_of is None:
@@ -186,6 +193,11 @@ class _Analysis:
                     self.add("SRV004", f"{label}: {m}.{s} {list(kind[1])} {problem}", tensor=f"{m}.{s}")
                 expected = set(F.QUANT_SUFFIXES)
         for w in wants:
+            # Fast path: a module has at most one `<module>.<suffix>`, so when the companions of
+            # fitting kinds cover every module, none is missing and none has another kind.
+            fitting = sum(sum(map(modset.__contains__, ms)) for k, ms in T[w.suffix].items() if _fits(w, k))
+            if fitting == len(modset):
+                continue
             d, kinds = self.index(w.suffix)
             found = set(map(d.get, modset))  # the kind numbers of this companion; None: missing somewhere
             if w.required and None in found:
@@ -214,7 +226,7 @@ class _Analysis:
                 self.add("SRV006", f"{label}: {t} is not part of {label}{why}: " + NO_PARAM.format(t=t),
                          tensor=t, drop=True)
 
-    def fused_groups(self, r: Resolved, single: Layout, stored_q: set, unq: dict, floats: list) -> set[str]:
+    def fused_groups(self, r: Resolved, single: Layout, stored_q: _Members, unq: dict, floats: list) -> set[str]:
         """SRV008: shards of one fused layer must all be quantized or all not, in the config and in
         the tensors (quant_utils.is_layer_skipped / compressed-tensors should_ignore_layer). Only a
         fused layer with an odd shard (unquantized or excluded) can differ: those are few."""
@@ -282,6 +294,20 @@ class _Analysis:
                     self.add("SRV007", f"{r.family}: {t} is {dtype}, not a float scale", tensor=t)
 
 
+class _Members:
+    """A union of sets, for membership and iteration without building it (45k names on DeepSeek)."""
+
+    def __init__(self, sets: list[set[str]]):
+        self.sets = sets
+
+    def __contains__(self, m: str) -> bool:
+        return any(m in s for s in self.sets)
+
+    def __iter__(self):
+        for s in self.sets:
+            yield from s
+
+
 def _fits(w: F.Want, kind: Kind) -> bool:
     return kind[0] in w.dtypes and (w.shapes is None or kind[1] in w.shapes)
 
@@ -304,8 +330,10 @@ def _shape_text(shapes) -> str:
 
 def _scan(ckpt: Checkpoint) -> dict[str, dict[Kind, list[str]]]:
     """suffix -> {kind: [modules]} for the tensor names the contracts use, from the header columns
-    (no TensorEntry per tensor). Per shard the modules are grouped by the header's kind number (an
-    int key), then merged by kind."""
+    (no TensorEntry per tensor). Each shard's names are first dealt into buckets by their kind
+    number at C speed; a bucket whose names all end in one suffix (the usual case: all F8 weights of
+    one shape, all their scales) is cut to module names in one go, a mixed one (per-tensor scalars)
+    name by name."""
     T: dict[str, dict[Kind, list[str]]] = {s: {} for s in SUFFIXES}   # every suffix present, maybe empty
     for h in ckpt.headers().values():
         cols = columns(h)
@@ -315,18 +343,19 @@ def _scan(ckpt: Checkpoint) -> dict[str, dict[Kind, list[str]]]:
             ids = range(len(names))
         else:
             names, kinds, ids = cols[3], cols[4], cols[5]
-        local: dict[str, dict[int, list[str]]] = {s: {} for s in SUFFIXES}
-        get = local.get
-        for name, i in zip(names, ids):
-            mod, _, suffix = name.rpartition(".")
-            byid = get(suffix)
-            if byid is not None:
-                ms = byid.get(i)
-                if ms is None:
-                    byid[i] = [mod]
-                else:
-                    ms.append(mod)
-        for s, byid in local.items():
-            for i, ms in byid.items():
-                T[s].setdefault(kinds[i], []).extend(ms)
+        buckets: list[list[str]] = [[] for _ in kinds]
+        deque(map(_call, map([b.append for b in buckets].__getitem__, ids), names), maxlen=0)
+        for kind, b in zip(kinds, buckets):
+            if not b:
+                continue
+            suffix = b[0].rpartition(".")[2]
+            joined = "\n".join(b) + "\n"
+            if joined.count("\n") == len(b) and joined.count(f".{suffix}\n") == len(b):  # one suffix
+                if suffix in SUFFIXES:
+                    T[suffix].setdefault(kind, []).extend(map(itemgetter(slice(0, -len(suffix) - 1)), b))
+                continue
+            for name in b:
+                mod, _, suffix = name.rpartition(".")
+                if suffix in SUFFIXES:
+                    T[suffix].setdefault(kind, []).append(mod)
     return T
