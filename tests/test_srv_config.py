@@ -22,6 +22,7 @@ def ckpt(tmp_path, kind, qc, hq=None, **kw):
 @pytest.mark.parametrize("qc, expect", [
     ({"quant_method": "modelopt", "quant_algo": "W4A8_AWQ", "ignore": ["lm_head"]}, "ModelOpt currently only supports"),
     ({"quant_method": "modelopt", "ignore": ["lm_head"]}, "Missing 'quant_algo'"),
+    ({"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "ignore": []}, "non-empty 'quantized_layers'"),
     ({"quant_method": "modelopt", "quant_algo": "FP8", "ignore": "lm_head"}, "exclude_modules must be a list"),
     ({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}, "Cannot find any of ['activation_scheme']"),
     ({**FP8_BLOCK, "activation_scheme": "static"}, "only supports dynamic activation scheme"),
@@ -194,3 +195,16 @@ def test_quantized_lm_head_under_gptq_needs_lm_head_flag(tmp_path):
     qc["lm_head"] = True
     (d / "config.json").write_text(json.dumps(llama_config(qc)))
     assert findings(d) == []
+
+
+def test_mixed_precision_map_read_from_hf_quant_config(tmp_path):
+    """weight_utils.py: for MIXED_PRECISION without quantized_layers in config.json, vLLM falls
+    through to hf_quant_config.json; only when neither has the map is the config refused."""
+    flat = {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "ignore": ["lm_head"]}
+    hq = {"producer": {"name": "modelopt"}, "quantization": {
+        "quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"],
+        "quantized_layers": {"model.layers.0.self_attn.q_proj": {"quant_algo": "FP8"}}}}
+    assert findings(ckpt(tmp_path, "modelopt_fp8", flat, hq)) == []
+    (tmp_path / "c" / "hf_quant_config.json").unlink()
+    [(code, _, file, msg)] = findings(tmp_path / "c")
+    assert (code, file) == ("SRV001", "config.json") and "quantized_layers" in msg

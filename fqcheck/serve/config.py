@@ -80,6 +80,9 @@ def resolve(ckpt: Checkpoint) -> Resolved | None:
     qc, source = found
     method = str(qc.get("quant_method", "")).lower()
     if method.startswith("modelopt"):
+        hq = _side_file(ckpt, "hf_quant_config.json") if source == "config.json" else None
+        if hq is not None and "quantized_layers" not in qc and str(_modelopt_fields(qc)[0]).upper() == "MIXED_PRECISION":
+            qc, source = {"quant_method": "modelopt", **hq}, "hf_quant_config.json"  # weight_utils.py falls through
         r = _modelopt(qc, source)
         if source == "config.json":
             _modelopt_disagreement(r, _side_file(ckpt, "hf_quant_config.json"))
@@ -144,6 +147,11 @@ def _modelopt(qc: dict, source: str) -> Resolved:
         return _refuse(r, f"ModelOpt group_size {group!r} is not an integer; vLLM 0.33 raises ValueError")
     if "FP4" in algo and (gs <= 0 or gs % 2):
         return _refuse(r, f"ModelOpt {algo} group_size {gs} cannot describe NVFP4 blocks (16 expected)")
+    if algo == "MIXED_PRECISION":
+        layers = (qc["quantization"] if nested else qc).get("quantized_layers")
+        if not layers:  # get_quant_config falls back to hf_quant_config.json for this only when absent
+            return _refuse(r, "ModelOpt MIXED_PRECISION without a quantized_layers map; vLLM 0.33 raises ValueError: "
+                              "MIXED_PRECISION quant_algo requires a non-empty 'quantized_layers' mapping")
     if algo == "NVFP4" and not nested and _all_activations_null(qc):
         algo = "W4A16_NVFP4"  # modelopt.py: flat NVFP4 with no input_activations is served as W4A16
     if isinstance(kv, str) and kv.upper() in ("FP8", "NVFP4"):
