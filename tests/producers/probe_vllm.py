@@ -13,6 +13,7 @@ vllm.LLM in a fresh process; it prints "loads" or the exception's last line."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -69,10 +70,18 @@ def main() -> None:
         if config:
             edit_config(d, config)
         out = subprocess.run([sys.executable, "-c", LOAD, str(d)], capture_output=True, text=True, timeout=600)
-        lines = [x for x in (out.stdout + out.stderr).splitlines() if x.strip()]
-        verdict = "loads" if "LOADED" in out.stdout else next(
-            (x for x in reversed(lines) if "Error" in x or "error" in x), lines[-1] if lines else "?")
-        print(f"{name}: {verdict}", flush=True)
+        (d.parent / f"{d.name}.log").write_text(out.stdout + out.stderr)
+        print(f"{name}: {verdict(out)}", flush=True)
+
+
+def verdict(out: subprocess.CompletedProcess) -> str:
+    """"loads", or the root cause: the first exception line the engine's worker logged."""
+    if "LOADED" in out.stdout:
+        return "loads"
+    lines = (out.stdout + out.stderr).splitlines()
+    causes = [x.split("] ", 1)[-1] for x in lines if re.search(r"\b\w+(Error|Exception): ", x)
+              and "Engine core initialization failed" not in x and "WorkerProc" not in x]
+    return causes[0] if causes else (lines[-1] if lines else "?")
 
 
 if __name__ == "__main__":
