@@ -208,3 +208,41 @@ def test_mixed_precision_map_read_from_hf_quant_config(tmp_path):
     (tmp_path / "c" / "hf_quant_config.json").unlink()
     [(code, _, file, msg)] = findings(tmp_path / "c")
     assert (code, file) == ("SRV001", "config.json") and "quantized_layers" in msg
+
+
+@pytest.mark.parametrize("qc", [
+    {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["re:(unclosed"],
+     "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}}},
+    {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": [],
+     "config_groups": {"g": {"targets": ["re:*bad"], "weights": {"num_bits": 8, "type": "float"}}}},
+    {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": [],
+     "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group",
+                                                                "group_size": 0}}}},
+    {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": [],
+     "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "block",
+                                                                "block_structure": [0, 128]}}}},
+    {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True, "dynamic": {"-:(": {}}},
+    {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": "sixteen", "ignore": []},
+    {"quant_method": "modelopt", "quantization": ["not", "a", "dict"]},
+    {"quant_method": "fp8", "activation_scheme": ["dynamic"]},
+    {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": [1, 2], "config_groups": {}},
+])
+def test_hostile_quantization_config_is_one_srv001(tmp_path, qc):
+    """Bad input is a finding, never a traceback (a regex, a zero group or block, odd types)."""
+    [(code, _, _, msg)] = findings(ckpt(tmp_path, "ct_w4a16", qc, group=32))
+    assert code == "SRV001" and msg
+
+
+def test_hostile_shapes_are_findings(tmp_path):
+    """1-D, 3-D, empty and zero-sized quantized tensors give findings, not a crash."""
+    ts = model("nvfp4") + [("model.layers.0.mlp.extra.weight", "U8", [7]),
+                           ("model.layers.0.mlp.cube.weight", "U8", [2, 2, 2]),
+                           ("model.layers.0.mlp.void.weight", "U8", [0, 0]),
+                           ("model.layers.0.mlp.void.weight_scale", "F8_E4M3", [0, 0]),
+                           ("model.layers.0.mlp.void.weight_scale_2", "F32", []),
+                           ("model.layers.0.mlp.void.input_scale", "F32", [])]
+    flat, _ = modelopt_configs("NVFP4", ["lm_head"], group_size=16)
+    d = write_checkpoint(tmp_path / "c", ts, llama_config(flat))
+    got = {(c, t) for c, t, _, _ in findings(d)}
+    assert ("SRV004", "model.layers.0.mlp.extra.weight") in got and ("SRV004", "model.layers.0.mlp.cube.weight") in got
+    assert not any(t and t.startswith("model.layers.0.mlp.void") for _, t in got)
