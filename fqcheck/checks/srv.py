@@ -101,16 +101,19 @@ class _Analysis:
                 self.kv_scales(r)
         return dict(self.hits)
 
-    def linears(self, r: Resolved) -> None:
+    def stored(self) -> tuple[list[tuple], list[set[str]], set[str], list[str]]:
+        """The linears by how they are stored: (groups of (main suffix, kind, modules), the module
+        sets of the quantized groups, float modules carrying quantization tensors, 2-D float
+        modules without any: few in a quantized checkpoint)."""
         T = self.T
         packed = self.has("weight_packed") | self.has("qweight")  # a set
         groups = [(s, k, ms) for s in MAINS for k, ms in T[s].items()]
         if packed:  # a packed main tensor wins over a stray `weight` (reported by the contract)
             groups = [(s, k, [m for m in ms if m not in packed] if s == "weight" else ms) for s, k, ms in groups]
         evidence = [self.has(e) for e in F.EVIDENCE if T[e]]
-        qsets: list[set[str]] = []   # stored quantized: a quantized dtype or a quantization tensor
-        floats: list[str] = []        # 2-D float weights without one: few in a quantized checkpoint
+        qsets: list[set[str]] = []
         float_q: set[str] = set()
+        floats: list[str] = []
         for s, k, ms in groups:
             if k[0] in F.QUANT_DTYPES or s != "weight":
                 qsets.append(set(ms))
@@ -121,6 +124,11 @@ class _Analysis:
                     float_q.add(m)
                 elif two_d:
                     floats.append(m)
+        return groups, qsets, float_q, floats
+
+    def linears(self, r: Resolved) -> None:
+        T = self.T
+        groups, qsets, float_q, floats = self.stored()
         stored_q = _Members([*qsets, float_q])
         single = r.layout if r.layout is not None else r.groups[0][1]  # the layout when there is one
         if inferred(r):  # GPTQ/AWQ without lists: vLLM infers the quantized set from these very dtypes
