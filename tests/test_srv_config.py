@@ -246,3 +246,18 @@ def test_hostile_shapes_are_findings(tmp_path):
     got = {(c, t) for c, t, _, _ in findings(d)}
     assert ("SRV004", "model.layers.0.mlp.extra.weight") in got and ("SRV004", "model.layers.0.mlp.cube.weight") in got
     assert not any(t and t.startswith("model.layers.0.mlp.void") for _, t in got)
+
+
+def test_modelopt_exact_entry_splits_a_fused_layer_even_if_a_substring_covers_the_rest(tmp_path):
+    """modelopt.py is_layer_excluded asks is_layer_skipped (exact) first: `q_proj` listed by name
+    and `k_proj`/`v_proj` only through the `self_attn` substring is still refused at start-up."""
+    ts = model("modelopt_fp8")
+    for i in (0, 1):
+        for p, (o, n) in {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64)}.items():
+            m = f"model.layers.{i}.self_attn.{p}"
+            ts = [t for t in ts if not t[0].startswith(m + ".")] + [(f"{m}.weight", "BF16", [o, n])]
+    flat, _ = modelopt_configs("FP8", ["lm_head", "model.layers.0.self_attn.q_proj", "self_attn"])
+    d = write_checkpoint(tmp_path / "c", ts, llama_config(flat))
+    [(code, tensor, _, msg)] = findings(d)
+    assert (code, tensor) == ("SRV008", "model.layers.0.self_attn.q_proj")
+    assert "Detected some but not all shards of model.layers.0.self_attn.qkv_proj" in msg

@@ -18,7 +18,7 @@ from ..engine import Hit, check
 from ..fix.edits import DropTensor
 from ..serve import formats as F
 from ..serve.config import Layout, Resolved, resolve
-from ..serve.match import FUSED_TAILS, QKV, classify, fused_name, inferred, siblings
+from ..serve.match import FUSED_TAILS, QKV, classify, fused_name, inferred, modelopt_exact_splits, siblings
 
 MAINS = ("weight_packed", "qweight", "weight")   # a packed main tensor wins over a stray `weight`
 SUFFIXES = frozenset((*MAINS, *F.QUANT_SUFFIXES, "k_scale", "v_scale", "kv_scale"))
@@ -135,7 +135,8 @@ class _Analysis:
             unq, layout_of = dict.fromkeys(floats, "inferred unquantized from its dtypes"), None
         else:
             unq, layout_of = classify(r, stored_q, floats)
-        split = self.fused_groups(r, single, stored_q, unq, floats)
+        forced = modelopt_exact_splits(r, [m for m in unq if m.endswith(FUSED_TAILS)]) if r.family == "modelopt" else set()
+        split = self.fused_groups(r, single, stored_q, unq, floats, forced)
         # Built unquantized but stored quantized (SRV005); quantization tensors on a module built
         # and stored unquantized have no parameter (SRV006).
         for m in sorted(m for m in unq if m in stored_q):
@@ -234,10 +235,12 @@ class _Analysis:
                 self.add("SRV006", f"{label}: {t} is not part of {label}{why}: " + NO_PARAM.format(t=t),
                          tensor=t, drop=True)
 
-    def fused_groups(self, r: Resolved, single: Layout, stored_q: _Members, unq: dict, floats: list) -> set[str]:
+    def fused_groups(self, r: Resolved, single: Layout, stored_q: _Members, unq: dict, floats: list,
+                     forced: set[str]) -> set[str]:
         """SRV008: shards of one fused layer must all be quantized or all not, in the config and in
         the tensors (quant_utils.is_layer_skipped / compressed-tensors should_ignore_layer). Only a
-        fused layer with an odd shard (unquantized or excluded) can differ: those are few."""
+        fused layer with an odd shard (unquantized or excluded) can differ: those are few. `forced`:
+        fused layers the config splits by itself (ModelOpt's exact entries)."""
         float_set = set(floats)
         odd = [m for m in float_set.union(unq) if m.endswith(FUSED_TAILS)]
         split: set[str] = set()
@@ -247,12 +250,12 @@ class _Analysis:
                 continue
             shards = [s for s in siblings(m) if s in stored_q or s in float_set]
             states = [(s in stored_q, s in unq) for s in shards]
-            if len(shards) < 2 or len(set(states)) == 1:
+            if f not in forced and (len(shards) < 2 or len(set(states)) == 1):
                 continue
             split.add(f)
             where = ", ".join(f"{s.rpartition('.')[2]} {'quantized' if q else 'unquantized'}"
                               f"{' (excluded)' if x else ''}" for s, (q, x) in zip(shards, states))
-            if len({x for _, x in states}) > 1:  # the config itself splits the layer: refused at start-up
+            if f in forced or len({x for _, x in states}) > 1:  # the config splits the layer: refused at start-up
                 err = "raises " + (f"ValueError: Found different quantization schemes for the shards of {f}. "
                                    "vLLM requires all to use the same scheme." if r.family == "compressed-tensors" else
                                    f"ValueError: Detected some but not all shards of {f} are quantized. All shards "
@@ -262,7 +265,10 @@ class _Analysis:
                        "(ValueError: There is no module or parameter named ...)")
             else:
                 err = "builds the fused layer quantized and " + _float_into_quantized(single)
-            odd_one = min(zip(shards, states), key=lambda p: states.count(p[1]))[0]  # the shard unlike the others
+            if f in forced:  # the shard the list names exactly
+                odd_one = next((x for x in siblings(m) if x in r.exclude and x in shards), m)
+            else:  # the shard unlike the others
+                odd_one = min(zip(shards, states), key=lambda p: states.count(p[1]))[0]
             self.add("SRV008", f"{r.family}: shards of the fused layer {f} differ: {where}; vLLM 0.33 {err}",
                      tensor=odd_one, file=self.file_of(f"{odd_one}.{self.main_of(odd_one)}"))
         return split

@@ -91,6 +91,19 @@ def _modelopt(r: Resolved, quantized: Collection[str], floats: list[str]) -> Cla
     return unq, None
 
 
+def modelopt_exact_splits(r: Resolved, fused_shards: list[str]) -> set[str]:
+    """Fused layers whose shards ModelOpt's list names *exactly* for some and not others: vLLM 0.33's
+    is_layer_excluded asks is_layer_skipped first, which raises "Detected some but not all shards"
+    even when a substring or wildcard entry would exclude the other shards too."""
+    exact = set(r.exclude)
+    out = set()
+    for m in fused_shards:
+        f = fused_name(m)
+        if f not in exact and f not in out and len({s in exact for s in siblings(m)}) > 1:
+            out.add(f)
+    return out
+
+
 def _fp8(r: Resolved, quantized: Collection[str], floats: list[str]) -> Classified:
     # fp8.py + quant_utils.is_layer_skipped: exact full prefix (a fused name listed directly also
     # matches); an MoE layer is skipped when an entry containing `experts` contains its prefix.
