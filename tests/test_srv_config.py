@@ -22,6 +22,7 @@ def ckpt(tmp_path, kind, qc, hq=None, **kw):
 @pytest.mark.parametrize("qc, expect", [
     ({"quant_method": "modelopt", "quant_algo": "W4A8_AWQ", "ignore": ["lm_head"]}, "ModelOpt currently only supports"),
     ({"quant_method": "modelopt", "ignore": ["lm_head"]}, "Missing 'quant_algo'"),
+    ({"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "ignore": []}, "non-empty 'quantized_layers'"),
     ({"quant_method": "modelopt", "quant_algo": "FP8", "ignore": "lm_head"}, "exclude_modules must be a list"),
     ({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}, "Cannot find any of ['activation_scheme']"),
     ({**FP8_BLOCK, "activation_scheme": "static"}, "only supports dynamic activation scheme"),
@@ -194,3 +195,69 @@ def test_quantized_lm_head_under_gptq_needs_lm_head_flag(tmp_path):
     qc["lm_head"] = True
     (d / "config.json").write_text(json.dumps(llama_config(qc)))
     assert findings(d) == []
+
+
+def test_mixed_precision_map_read_from_hf_quant_config(tmp_path):
+    """weight_utils.py: for MIXED_PRECISION without quantized_layers in config.json, vLLM falls
+    through to hf_quant_config.json; only when neither has the map is the config refused."""
+    flat = {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "ignore": ["lm_head"]}
+    hq = {"producer": {"name": "modelopt"}, "quantization": {
+        "quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"],
+        "quantized_layers": {"model.layers.0.self_attn.q_proj": {"quant_algo": "FP8"}}}}
+    assert findings(ckpt(tmp_path, "modelopt_fp8", flat, hq)) == []
+    (tmp_path / "c" / "hf_quant_config.json").unlink()
+    [(code, _, file, msg)] = findings(tmp_path / "c")
+    assert (code, file) == ("SRV001", "config.json") and "quantized_layers" in msg
+
+
+@pytest.mark.parametrize("qc", [
+    {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["re:(unclosed"],
+     "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}}},
+    {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": [],
+     "config_groups": {"g": {"targets": ["re:*bad"], "weights": {"num_bits": 8, "type": "float"}}}},
+    {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": [],
+     "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group",
+                                                                "group_size": 0}}}},
+    {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": [],
+     "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "block",
+                                                                "block_structure": [0, 128]}}}},
+    {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True, "dynamic": {"-:(": {}}},
+    {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": "sixteen", "ignore": []},
+    {"quant_method": "modelopt", "quantization": ["not", "a", "dict"]},
+    {"quant_method": "fp8", "activation_scheme": ["dynamic"]},
+    {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": [1, 2], "config_groups": {}},
+])
+def test_hostile_quantization_config_is_one_srv001(tmp_path, qc):
+    """Bad input is a finding, never a traceback (a regex, a zero group or block, odd types)."""
+    [(code, _, _, msg)] = findings(ckpt(tmp_path, "ct_w4a16", qc, group=32))
+    assert code == "SRV001" and msg
+
+
+def test_hostile_shapes_are_findings(tmp_path):
+    """1-D, 3-D, empty and zero-sized quantized tensors give findings, not a crash."""
+    ts = model("nvfp4") + [("model.layers.0.mlp.extra.weight", "U8", [7]),
+                           ("model.layers.0.mlp.cube.weight", "U8", [2, 2, 2]),
+                           ("model.layers.0.mlp.void.weight", "U8", [0, 0]),
+                           ("model.layers.0.mlp.void.weight_scale", "F8_E4M3", [0, 0]),
+                           ("model.layers.0.mlp.void.weight_scale_2", "F32", []),
+                           ("model.layers.0.mlp.void.input_scale", "F32", [])]
+    flat, _ = modelopt_configs("NVFP4", ["lm_head"], group_size=16)
+    d = write_checkpoint(tmp_path / "c", ts, llama_config(flat))
+    got = {(c, t) for c, t, _, _ in findings(d)}
+    assert ("SRV004", "model.layers.0.mlp.extra.weight") in got and ("SRV004", "model.layers.0.mlp.cube.weight") in got
+    assert not any(t and t.startswith("model.layers.0.mlp.void") for _, t in got)
+
+
+def test_modelopt_exact_entry_splits_a_fused_layer_even_if_a_substring_covers_the_rest(tmp_path):
+    """modelopt.py is_layer_excluded asks is_layer_skipped (exact) first: `q_proj` listed by name
+    and `k_proj`/`v_proj` only through the `self_attn` substring is still refused at start-up."""
+    ts = model("modelopt_fp8")
+    for i in (0, 1):
+        for p, (o, n) in {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64)}.items():
+            m = f"model.layers.{i}.self_attn.{p}"
+            ts = [t for t in ts if not t[0].startswith(m + ".")] + [(f"{m}.weight", "BF16", [o, n])]
+    flat, _ = modelopt_configs("FP8", ["lm_head", "model.layers.0.self_attn.q_proj", "self_attn"])
+    d = write_checkpoint(tmp_path / "c", ts, llama_config(flat))
+    [(code, tensor, _, msg)] = findings(d)
+    assert (code, tensor) == ("SRV008", "model.layers.0.self_attn.q_proj")
+    assert "Detected some but not all shards of model.layers.0.self_attn.qkv_proj" in msg

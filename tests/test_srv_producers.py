@@ -36,7 +36,7 @@ def test_dumps_are_present_and_small():
     names = {p.stem for p in DUMPS}
     assert {"modelopt-fp8-kv", "modelopt-fp8-pcpt", "modelopt-fp8-pb-wo", "modelopt-nvfp4-kv", "modelopt-w4a16-nvfp4",
             "modelopt-fp8-moe", "modelopt-nvfp4-moe", "llmc-fp8-dynamic", "llmc-w8a8-int8", "llmc-w4a16",
-            "llmc-nvfp4a16"} <= names
+            "llmc-nvfp4a16", "llmc-fp8-dynamic-moe", "llmc-w4a16-moe"} <= names
     assert all(p.stat().st_size < 20_000 for p in DUMPS)
 
 
@@ -85,23 +85,25 @@ def test_real_export_kv_scale_missing(stem, tmp_path):
     assert srv(dump, tmp_path) == [("SRV007", "model.layers.1.self_attn")]
 
 
-@pytest.mark.parametrize("stem", ["modelopt-fp8-moe", "modelopt-nvfp4-moe"])
-def test_real_moe_export_expert_scale_missing(stem, tmp_path):
+@pytest.mark.parametrize("stem, scale", [("modelopt-fp8-moe", "input_scale"), ("modelopt-nvfp4-moe", "input_scale"),
+                                         ("llmc-fp8-dynamic-moe", "weight_scale"), ("llmc-w4a16-moe", "weight_scale")])
+def test_real_moe_export_expert_scale_missing(stem, scale, tmp_path):
     """vLLM issue #45212: an expert never routed in calibration exported without its input_scale."""
     dump = load(Path(__file__).parent / "data" / "srv" / f"{stem}.json")
-    t = "model.layers.1.mlp.experts.2.down_proj.input_scale"
+    t = f"model.layers.1.mlp.experts.2.down_proj.{scale}"
     tensors(dump).pop(t)
     assert srv(dump, tmp_path) == [("SRV002", t)]
 
 
-@pytest.mark.parametrize("stem", ["modelopt-fp8-moe", "modelopt-nvfp4-moe"])
+@pytest.mark.parametrize("stem", ["modelopt-fp8-moe", "modelopt-nvfp4-moe", "llmc-fp8-dynamic-moe", "llmc-w4a16-moe"])
 def test_real_moe_export_router_not_excluded(stem, tmp_path):
     """Model-Optimizer PR #1858: the exporter now lists the BF16 routers; without them vLLM builds
-    quantized routers (NVFP4: AssertionError on the shape; FP8: silent garbage)."""
+    quantized routers (packed formats: AssertionError on the shape; FP8: silent garbage)."""
     dump = load(Path(__file__).parent / "data" / "srv" / f"{stem}.json")
     cfg = dump["json"]["config.json"]["quantization_config"]
-    hq = dump["json"]["hf_quant_config.json"]["quantization"]
-    routers = [e for e in cfg["ignore"] if e.endswith("mlp.gate")]
+    routers = sorted(e for e in cfg["ignore"] if e.endswith("mlp.gate"))
     assert routers == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
-    cfg["ignore"] = hq["exclude_modules"] = [e for e in cfg["ignore"] if e not in routers]
+    cfg["ignore"] = [e for e in cfg["ignore"] if e not in routers]
+    if "hf_quant_config.json" in dump["json"]:
+        dump["json"]["hf_quant_config.json"]["quantization"]["exclude_modules"] = cfg["ignore"]
     assert srv(dump, tmp_path) == [("SRV005", r) for r in routers]

@@ -7,7 +7,9 @@ The analysis works on groups of module names, never module by module: a DeepSeek
 dict step per name); formats are then checked per (suffix, kind) group with set operations."""
 from __future__ import annotations
 
-from collections import defaultdict
+import operator
+from collections import defaultdict, deque
+from operator import itemgetter
 from typing import Iterator
 
 from ..checkpoint import Checkpoint
@@ -16,7 +18,7 @@ from ..engine import Context, Hit, check
 from ..fix.edits import DropTensor
 from ..serve import formats as F
 from ..serve.config import Layout, Resolved, resolve
-from ..serve.match import FUSED_TAILS, QKV, classify, fused_name, inferred, siblings
+from ..serve.match import FUSED_TAILS, QKV, classify, fused_name, inferred, modelopt_exact_splits, siblings
 
 MAINS = ("weight_packed", "qweight", "weight")   # a packed main tensor wins over a stray `weight`
 SUFFIXES = frozenset((*MAINS, *F.QUANT_SUFFIXES, "k_scale", "v_scale", "kv_scale"))
@@ -24,6 +26,7 @@ NO_PARAM = ("vLLM 0.33 has no parameter for it and raises ValueError: There is n
             "'{t}' (KeyError: '{t}' in models with their own load_weights)")
 CODES = ("SRV001", "SRV002", "SRV003", "SRV004", "SRV005", "SRV006", "SRV007", "SRV008")
 Kind = tuple  # (dtype, shape, nbytes), as the header columns hold it
+_call = getattr(operator, "call", lambda f, x: f(x))  # operator.call is Python 3.11+
 
 
 def _rule(code: str) -> None:
@@ -91,31 +94,42 @@ class _Analysis:
                 self.kv_scales(r)
         return dict(self.hits)
 
-    def linears(self, r: Resolved) -> None:
+    def stored(self) -> tuple[list[tuple], list[set[str]], set[str], list[str]]:
+        """The linears by how they are stored: (groups of (main suffix, kind, modules), the module
+        sets of the quantized groups, float modules carrying quantization tensors, 2-D float
+        modules without any: few in a quantized checkpoint)."""
         T = self.T
         packed = self.has("weight_packed") | self.has("qweight")  # a set
         groups = [(s, k, ms) for s in MAINS for k, ms in T[s].items()]
         if packed:  # a packed main tensor wins over a stray `weight` (reported by the contract)
             groups = [(s, k, [m for m in ms if m not in packed] if s == "weight" else ms) for s, k, ms in groups]
         evidence = [self.has(e) for e in F.EVIDENCE if T[e]]
-        stored_q: set[str] = set()   # stored quantized: a quantized dtype or a quantization tensor
-        floats: list[str] = []        # 2-D float weights without one: few in a quantized checkpoint
+        qsets: list[set[str]] = []
+        float_q: set[str] = set()
+        floats: list[str] = []
         for s, k, ms in groups:
             if k[0] in F.QUANT_DTYPES or s != "weight":
-                stored_q.update(ms)
+                qsets.append(set(ms))
                 continue
             two_d = len(k[1]) == 2
             for m in ms:
                 if any(m in e for e in evidence):
-                    stored_q.add(m)
+                    float_q.add(m)
                 elif two_d:
                     floats.append(m)
+        return groups, qsets, float_q, floats
+
+    def linears(self, r: Resolved) -> None:
+        T = self.T
+        groups, qsets, float_q, floats = self.stored()
+        stored_q = _Members([*qsets, float_q])
         single = r.layout if r.layout is not None else r.groups[0][1]  # the layout when there is one
         if inferred(r):  # GPTQ/AWQ without lists: vLLM infers the quantized set from these very dtypes
             unq, layout_of = dict.fromkeys(floats, "inferred unquantized from its dtypes"), None
         else:
             unq, layout_of = classify(r, stored_q, floats)
-        split = self.fused_groups(r, single, stored_q, unq, floats)
+        forced = modelopt_exact_splits(r, [m for m in unq if m.endswith(FUSED_TAILS)]) if r.family == "modelopt" else set()
+        split = self.fused_groups(r, single, stored_q, unq, floats, forced)
         # Built unquantized but stored quantized (SRV005); quantization tensors on a module built
         # and stored unquantized have no parameter (SRV006).
         for m in sorted(m for m in unq if m in stored_q):
@@ -139,9 +153,11 @@ class _Analysis:
                      f"{layout.label} is declared for it and nothing excludes it: vLLM 0.33 builds the quantized "
                      "parameters and " + _float_into_quantized(layout), tensor=m, file=self.file_of(f"{m}.weight"))
         # Built and stored quantized: the contract, per (layout, main tensor kind).
+        quantized = iter(qsets)
         for s, kind, ms in groups:
-            q = stored_q.intersection(ms) if s == "weight" and kind[0] not in F.QUANT_DTYPES else set(ms)
-            q.difference_update(unq)
+            q = next(quantized) if kind[0] in F.QUANT_DTYPES or s != "weight" else float_q.intersection(ms)
+            if unq:
+                q = q.difference(unq)
             if not q:
                 continue
             if layout_of is None:
@@ -179,6 +195,11 @@ class _Analysis:
                     self.add("SRV004", f"{label}: {m}.{s} {list(kind[1])} {problem}", tensor=f"{m}.{s}")
                 expected = set(F.QUANT_SUFFIXES)
         for w in wants:
+            # Fast path: a module has at most one `<module>.<suffix>`, so when the companions of
+            # fitting kinds cover every module, none is missing and none has another kind.
+            fitting = sum(sum(map(modset.__contains__, ms)) for k, ms in T[w.suffix].items() if _fits(w, k))
+            if fitting == len(modset):
+                continue
             d, kinds = self.index(w.suffix)
             found = set(map(d.get, modset))  # the kind numbers of this companion; None: missing somewhere
             if w.required and None in found:
@@ -207,10 +228,12 @@ class _Analysis:
                 self.add("SRV006", f"{label}: {t} is not part of {label}{why}: " + NO_PARAM.format(t=t),
                          tensor=t, drop=True)
 
-    def fused_groups(self, r: Resolved, single: Layout, stored_q: set, unq: dict, floats: list) -> set[str]:
+    def fused_groups(self, r: Resolved, single: Layout, stored_q: _Members, unq: dict, floats: list,
+                     forced: set[str]) -> set[str]:
         """SRV008: shards of one fused layer must all be quantized or all not, in the config and in
         the tensors (quant_utils.is_layer_skipped / compressed-tensors should_ignore_layer). Only a
-        fused layer with an odd shard (unquantized or excluded) can differ: those are few."""
+        fused layer with an odd shard (unquantized or excluded) can differ: those are few. `forced`:
+        fused layers the config splits by itself (ModelOpt's exact entries)."""
         float_set = set(floats)
         odd = [m for m in float_set.union(unq) if m.endswith(FUSED_TAILS)]
         split: set[str] = set()
@@ -220,12 +243,12 @@ class _Analysis:
                 continue
             shards = [s for s in siblings(m) if s in stored_q or s in float_set]
             states = [(s in stored_q, s in unq) for s in shards]
-            if len(shards) < 2 or len(set(states)) == 1:
+            if f not in forced and (len(shards) < 2 or len(set(states)) == 1):
                 continue
             split.add(f)
             where = ", ".join(f"{s.rpartition('.')[2]} {'quantized' if q else 'unquantized'}"
                               f"{' (excluded)' if x else ''}" for s, (q, x) in zip(shards, states))
-            if len({x for _, x in states}) > 1:  # the config itself splits the layer: refused at start-up
+            if f in forced or len({x for _, x in states}) > 1:  # the config splits the layer: refused at start-up
                 err = "raises " + (f"ValueError: Found different quantization schemes for the shards of {f}. "
                                    "vLLM requires all to use the same scheme." if r.family == "compressed-tensors" else
                                    f"ValueError: Detected some but not all shards of {f} are quantized. All shards "
@@ -235,7 +258,10 @@ class _Analysis:
                        "(ValueError: There is no module or parameter named ...)")
             else:
                 err = "builds the fused layer quantized and " + _float_into_quantized(single)
-            odd_one = min(zip(shards, states), key=lambda p: states.count(p[1]))[0]  # the shard unlike the others
+            if f in forced:  # the shard the list names exactly
+                odd_one = next((x for x in siblings(m) if x in r.exclude and x in shards), m)
+            else:  # the shard unlike the others
+                odd_one = min(zip(shards, states), key=lambda p: states.count(p[1]))[0]
             self.add("SRV008", f"{r.family}: shards of the fused layer {f} differ: {where}; vLLM 0.33 {err}",
                      tensor=odd_one, file=self.file_of(f"{odd_one}.{self.main_of(odd_one)}"))
         return split
@@ -275,6 +301,20 @@ class _Analysis:
                     self.add("SRV007", f"{r.family}: {t} is {dtype}, not a float scale", tensor=t)
 
 
+class _Members:
+    """A union of sets, for membership and iteration without building it (45k names on DeepSeek)."""
+
+    def __init__(self, sets: list[set[str]]):
+        self.sets = sets
+
+    def __contains__(self, m: str) -> bool:
+        return any(m in s for s in self.sets)
+
+    def __iter__(self):
+        for s in self.sets:
+            yield from s
+
+
 def _fits(w: F.Want, kind: Kind) -> bool:
     return kind[0] in w.dtypes and (w.shapes is None or kind[1] in w.shapes)
 
@@ -297,8 +337,10 @@ def _shape_text(shapes) -> str:
 
 def _scan(ckpt: Checkpoint) -> dict[str, dict[Kind, list[str]]]:
     """suffix -> {kind: [modules]} for the tensor names the contracts use, from the header columns
-    (no TensorEntry per tensor). Per shard the modules are grouped by the header's kind number (an
-    int key), then merged by kind."""
+    (no TensorEntry per tensor). Each shard's names are first dealt into buckets by their kind
+    number at C speed; a bucket whose names all end in one suffix (the usual case: all F8 weights of
+    one shape, all their scales) is cut to module names in one go, a mixed one (per-tensor scalars)
+    name by name."""
     T: dict[str, dict[Kind, list[str]]] = {s: {} for s in SUFFIXES}   # every suffix present, maybe empty
     for h in ckpt.headers().values():
         cols = columns(h)
@@ -308,18 +350,19 @@ def _scan(ckpt: Checkpoint) -> dict[str, dict[Kind, list[str]]]:
             ids = range(len(names))
         else:
             names, kinds, ids = cols[3], cols[4], cols[5]
-        local: dict[str, dict[int, list[str]]] = {s: {} for s in SUFFIXES}
-        get = local.get
-        for name, i in zip(names, ids):
-            mod, _, suffix = name.rpartition(".")
-            byid = get(suffix)
-            if byid is not None:
-                ms = byid.get(i)
-                if ms is None:
-                    byid[i] = [mod]
-                else:
-                    ms.append(mod)
-        for s, byid in local.items():
-            for i, ms in byid.items():
-                T[s].setdefault(kinds[i], []).extend(ms)
+        buckets: list[list[str]] = [[] for _ in kinds]
+        deque(map(_call, map([b.append for b in buckets].__getitem__, ids), names), maxlen=0)
+        for kind, b in zip(kinds, buckets):
+            if not b:
+                continue
+            suffix = b[0].rpartition(".")[2]
+            joined = "\n".join(b) + "\n"
+            if joined.count("\n") == len(b) and joined.count(f".{suffix}\n") == len(b):  # one suffix
+                if suffix in SUFFIXES:
+                    T[suffix].setdefault(kind, []).extend(map(itemgetter(slice(0, -len(suffix) - 1)), b))
+                continue
+            for name in b:
+                mod, _, suffix = name.rpartition(".")
+                if suffix in SUFFIXES:
+                    T[suffix].setdefault(kind, []).append(mod)
     return T

@@ -6,6 +6,7 @@ modelopt.py ModelOptQuantConfigBase.from_config and ModelOptNvFp4Config._from_co
 Fp8Config, compressed_tensors.py CompressedTensorsConfig, auto_gptq.py, auto_awq.py."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from ..checkpoint import Checkpoint, load_json
@@ -80,6 +81,9 @@ def resolve(ckpt: Checkpoint) -> Resolved | None:
     qc, source = found
     method = str(qc.get("quant_method", "")).lower()
     if method.startswith("modelopt"):
+        hq = _side_file(ckpt, "hf_quant_config.json") if source == "config.json" else None
+        if hq is not None and "quantized_layers" not in qc and str(_modelopt_fields(qc)[0]).upper() == "MIXED_PRECISION":
+            qc, source = {"quant_method": "modelopt", **hq}, "hf_quant_config.json"  # weight_utils.py falls through
         r = _modelopt(qc, source)
         if source == "config.json":
             _modelopt_disagreement(r, _side_file(ckpt, "hf_quant_config.json"))
@@ -144,6 +148,11 @@ def _modelopt(qc: dict, source: str) -> Resolved:
         return _refuse(r, f"ModelOpt group_size {group!r} is not an integer; vLLM 0.33 raises ValueError")
     if "FP4" in algo and (gs <= 0 or gs % 2):
         return _refuse(r, f"ModelOpt {algo} group_size {gs} cannot describe NVFP4 blocks (16 expected)")
+    if algo == "MIXED_PRECISION":
+        layers = (qc["quantization"] if nested else qc).get("quantized_layers")
+        if not layers:  # get_quant_config falls back to hf_quant_config.json for this only when absent
+            return _refuse(r, "ModelOpt MIXED_PRECISION without a quantized_layers map; vLLM 0.33 raises ValueError: "
+                              "MIXED_PRECISION quant_algo requires a non-empty 'quantized_layers' mapping")
     if algo == "NVFP4" and not nested and _all_activations_null(qc):
         algo = "W4A16_NVFP4"  # modelopt.py: flat NVFP4 with no input_activations is served as W4A16
     if isinstance(kv, str) and kv.upper() in ("FP8", "NVFP4"):
@@ -228,6 +237,10 @@ def _ct(qc: dict, source: str) -> Resolved:
     if not isinstance(ignore, list) or not all(isinstance(e, str) for e in ignore):
         return _refuse(r, "compressed-tensors ignore is not a list of strings")
     r.exclude = ignore
+    bad = _bad_regex(e[3:] for e in ignore if e.startswith("re:"))
+    if bad:
+        return _refuse(r, f"compressed-tensors ignore entry re:{bad} is not a valid regular expression; vLLM 0.33 "
+                          "fails on it at start-up")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         return _refuse(r, "compressed-tensors config has no config_groups: vLLM 0.33 finds no scheme for any layer")
@@ -238,6 +251,10 @@ def _ct(qc: dict, source: str) -> Resolved:
         if not isinstance(w, dict):
             continue  # activation-only group: no weight contract
         targets = [t for t in g["targets"] if isinstance(t, str)]
+        bad = _bad_regex(t[3:] for t in targets if t.startswith("re:"))
+        if bad:
+            return _refuse(r, f"compressed-tensors config_groups.{name} target re:{bad} is not a valid regular "
+                              "expression; vLLM 0.33 fails on it at start-up")
         if targets and all(t.endswith("Attention") for t in targets):
             continue  # compressed_tensors.py drops attention-only groups with a warning
         if str(w.get("actorder")) in ("group", "dynamic"):
@@ -270,6 +287,14 @@ def _ct_layout(fmt: str, w: dict, a: dict | None) -> tuple[Layout | None, str | 
             return None, ("ValueError: For NVFP4 weights, input quantization must also be NVFP4 format, "
                           "None for NVFP4A16")
         return Layout("ct_nvfp4", "compressed-tensors nvfp4-pack-quantized", bits=4, group=16, **common), None
+    if gs is not None and (not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0):
+        return None, f"group_size {gs!r} is not a positive integer"
+    block = w.get("block_structure")
+    if strategy == "block" and (not isinstance(block, list) or len(block) != 2
+                                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        return None, f"block strategy with block_structure {block!r}: two positive integers expected"
+    if strategy == "group" and gs is None:
+        return None, "group strategy without group_size"
     if fmt == "pack-quantized":
         if bits not in (2, 4, 8) or typ != "int":
             return None, f"pack-quantized with num_bits {bits!r} type {typ!r} has no vLLM 0.33 scheme"
@@ -280,9 +305,8 @@ def _ct_layout(fmt: str, w: dict, a: dict | None) -> tuple[Layout | None, str | 
                       group=-1 if strategy == "channel" else int(gs), **common), None
     if fmt in ("float-quantized", "int-quantized", "naive-quantized") and bits == 8:
         kind = "ct_float" if typ == "float" else "ct_int"
-        block = tuple(w.get("block_structure") or (128, 128))
-        return Layout(kind, f"compressed-tensors {fmt} {typ}8 ({strategy})", bits=8, block=block,
-                      group=int(gs) if isinstance(gs, int) else 0, **common), None
+        return Layout(kind, f"compressed-tensors {fmt} {typ}8 ({strategy})", bits=8, block=tuple(block or (128, 128)),
+                      group=gs or 0, **common), None
     return None, None  # mixed / mx / marlin formats: not modelled
 
 
@@ -309,6 +333,9 @@ def _gptq(qc: dict, source: str) -> Resolved:
     dyn = qc.get("dynamic")
     r.extra["dynamic_skip"] = [k[2:] for k in dyn if isinstance(k, str) and k.startswith("-:")] \
         if isinstance(dyn, dict) else []
+    bad = _bad_regex(r.extra["dynamic_skip"])
+    if bad:
+        return _refuse(r, f"GPTQ dynamic rule -:{bad} is not a valid regular expression; vLLM 0.33 fails on it")
     r.extra["lm_head"] = bool(qc.get("lm_head", False))
     return r
 
@@ -332,6 +359,16 @@ def _awq(qc: dict, source: str) -> Resolved:
         r.exclude = [m for m in skip if isinstance(m, str)]
         r.extra["explicit"] = True
     return r
+
+
+def _bad_regex(patterns) -> str | None:
+    """The first pattern Python's re cannot compile (the loaders compile them at start-up)."""
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error:
+            return p
+    return None
 
 
 def _flatten(xs):

@@ -134,7 +134,7 @@ def missing_effect(layout: Layout, suffix: str, expert: bool) -> str:
     k = layout.kind
     if k in ("nvfp4", "w4a16_nvfp4") and suffix == "weight_scale" and not expert:
         return ("vLLM 0.33 raises RuntimeError: NVFP4 weight_scale for layer ... was never loaded (still NaN)")
-    if k in ("fp8", "fp8_pcpt", "fp8_pbwo", "fp8_block"):
+    if k in ("fp8", "fp8_pcpt", "fp8_pbwo", "fp8_block", "ct_float"):  # utils/fp8_utils.py create_fp8_scale_parameter
         if expert:
             return "vLLM 0.33 keeps the expert slot's initial 1.0: loads silently with wrong scales"
         return ("vLLM 0.33 keeps the sentinel float32 min (FP8_SCALE_SENTINEL): loads silently with garbage scales")

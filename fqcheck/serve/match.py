@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from fnmatch import translate
-from typing import Callable
+from typing import Callable, Collection
 
 from .config import Layout, Resolved
 
@@ -49,14 +49,14 @@ def _embeddings(mods) -> dict[str, str]:
         (".wte", ".wpe"))] if "embed" in m.rpartition(".")[2] or m.endswith((".wte", ".wpe"))}
 
 
-def classify(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
+def classify(r: Resolved, quantized: Collection[str], floats: list[str]) -> Classified:
     """The linears vLLM builds unquantized, with why, among those stored quantized and the 2-D float
     ones. Rules about what a module *is* (embedding, router) are asked of the float ones only."""
     return {"modelopt": _modelopt, "fp8": _fp8, "compressed-tensors": _ct, "gptq": _gptq,
             "awq": _awq}[r.family](r, quantized, floats)
 
 
-def _lm_heads(quantized: set[str], floats: list[str]) -> list[str]:
+def _lm_heads(quantized: Collection[str], floats: list[str]) -> list[str]:
     return [m for m in LM_HEADS if m in quantized] + [m for m in floats if _is_lm_head(m)]
 
 
@@ -64,7 +64,7 @@ def _all(quantized, floats):
     return [*quantized, *floats]
 
 
-def _modelopt(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
+def _modelopt(r: Resolved, quantized: Collection[str], floats: list[str]) -> Classified:
     # modelopt.py is_layer_excluded: (1) exact or fused name (quant_utils.is_layer_skipped), (2) the
     # legacy substring test `entry in prefix` (the `language_model.`-stripped retry can only match
     # what this one matches), (3) fnmatch; apply_vllm_mapper turns `foo*` into `foo` and `foo.*`.
@@ -91,7 +91,20 @@ def _modelopt(r: Resolved, quantized: set[str], floats: list[str]) -> Classified
     return unq, None
 
 
-def _fp8(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
+def modelopt_exact_splits(r: Resolved, fused_shards: list[str]) -> set[str]:
+    """Fused layers whose shards ModelOpt's list names *exactly* for some and not others: vLLM 0.33's
+    is_layer_excluded asks is_layer_skipped first, which raises "Detected some but not all shards"
+    even when a substring or wildcard entry would exclude the other shards too."""
+    exact = set(r.exclude)
+    out = set()
+    for m in fused_shards:
+        f = fused_name(m)
+        if f not in exact and f not in out and len({s in exact for s in siblings(m)}) > 1:
+            out.add(f)
+    return out
+
+
+def _fp8(r: Resolved, quantized: Collection[str], floats: list[str]) -> Classified:
     # fp8.py + quant_utils.is_layer_skipped: exact full prefix (a fused name listed directly also
     # matches); an MoE layer is skipped when an entry containing `experts` contains its prefix.
     # Fp8Config quantizes only LinearBase / experts / attention, so lm_head is unquantized; routers
@@ -99,7 +112,7 @@ def _fp8(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
     # not judged, a quantized one is held to the format.
     unq = _embeddings(floats)
     exact = set(r.exclude)
-    for m in exact.intersection(quantized).union(exact.intersection(floats)):
+    for m in [e for e in exact if e in quantized or e in floats]:
         unq[m] = "listed in ignored_layers/modules_to_not_convert"
     fused = {e for e in exact if e.rpartition(".")[2] in SHARDS}
     expert_entries = [e for e in r.exclude if "experts" in e]
@@ -117,7 +130,7 @@ def _fp8(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
     return unq, None
 
 
-def _ct(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
+def _ct(r: Resolved, quantized: Collection[str], floats: list[str]) -> Classified:
     # compressed_tensors/utils.py: `ignore` is exact or `re:` with re.match (anchored at the start
     # only); targets are exact / `re:` on the name, else a class name matched case-insensitively as
     # a substring of vLLM's layer class (`Linear` matches every *Linear layer). A linear no target
@@ -127,7 +140,7 @@ def _ct(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
     exact = {e for e in r.exclude if not e.startswith("re:")}
     regs = [e[3:] for e in r.exclude if e.startswith("re:")]
     ign_re = re.compile("|".join(f"(?:{p})" for p in regs)) if regs else None
-    for m in exact.intersection(mods):
+    for m in [e for e in exact if e in quantized or e in floats]:
         unq[m] = "listed in ignore"
     for m in [m for m in mods if m.endswith(FUSED_TAILS) and fused_name(m) in exact] if exact else ():
         unq[m] = f"its fused layer {fused_name(m)} is listed in ignore"
@@ -158,7 +171,7 @@ def _ct(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
     return unq, layouts.__getitem__
 
 
-def _gptq(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
+def _gptq(r: Resolved, quantized: Collection[str], floats: list[str]) -> Classified:
     # auto_gptq.py / utils/gptq_utils.py: modules_in_block_to_quantize by substring, `dynamic`
     # `-:` regexes by re.match; lm_head is quantized only with `lm_head: true`.
     unq = _embeddings(floats)
@@ -177,7 +190,7 @@ def _gptq(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
     return unq, None
 
 
-def _awq(r: Resolved, quantized: set[str], floats: list[str]) -> Classified:
+def _awq(r: Resolved, quantized: Collection[str], floats: list[str]) -> Classified:
     # auto_awq.py: modules_to_not_convert by substring; lm_head is quantized only with `lm_head: true`.
     unq = _embeddings(floats)
     for m in _all(quantized, floats):
