@@ -152,8 +152,12 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=8192)
     ap.add_argument("--count", type=int, default=4)
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--e2e-only", action="store_true", help="only the host -> GPU -> host figures")
+    ap.add_argument("--piece-mb", type=int, default=staging.PIECE_BYTES >> 20, help="staged piece size")
+    ap.add_argument("--slots", type=int, default=staging.SLOTS, help="pieces in flight")
     ap.add_argument("--out")
     args = ap.parse_args()
+    staging.PIECE_BYTES, staging.SLOTS = args.piece_mb << 20, args.slots
     if args.cpu:
         return cpu_main(args)
     if not torch.cuda.is_available():
@@ -166,11 +170,13 @@ def main() -> None:
              for _ in range(args.count)]
     sp = specs(gpu_w[0])
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "weights": f"{args.count} x bf16[{args.rows}x{args.cols}]", "identity_differing": identity(dev)}
+           "weights": f"{args.count} x bf16[{args.rows}x{args.cols}]",
+           "pieces": f"{args.piece_mb} MB x {args.slots} slots",
+           "identity_differing": {} if args.e2e_only else identity(dev)}
     clone = gpu_gbs(lambda w: w.clone(), gpu_w)
     res["clone_GBps"] = clone
     res["kernel"] = {}
-    for name, spec in sp.items():
+    for name, spec in ({} if args.e2e_only else sp).items():
         fast = gpu_gbs(lambda w, s=spec: staging.fold_on_device(w, s), gpu_w)
         ref = gpu_gbs(lambda w, s=spec: quantize(w.float(), s).to(torch.bfloat16), gpu_w)
         res["kernel"][name] = {"fast_GBps": fast, "formats_GBps": ref, "fast_vs_clone": fast / clone,
@@ -182,6 +188,8 @@ def main() -> None:
     torch.cuda.empty_cache()
     limit = pinned_limit(cpu_w, dev)
     res["pinned_roundtrip_limit_GBps"] = limit
+    staged = torch.empty(cpu_w[0].shape, dtype=cpu_w[0].dtype, pin_memory=True)
+    res["host_copy_to_pinned_GBps"] = wall_gbs(lambda w: staged.copy_(w), cpu_w)
     res["e2e"] = {}
     one = torch.device("cuda", 0)
     for name in ("fp8", "int8_axis", "nvfp4", "mxfp4"):
@@ -203,7 +211,8 @@ def main() -> None:
             missed.append(f"kernel {name}:{flag}")
         rows.append(f"{name:11s} {r['fast_GBps']:10.0f} {r['formats_GBps']:8.0f} {r['fast_vs_clone']:9.1%} "
                     f"{r['extra_mem_per_byte']:6.2f} {r['formats_extra_mem_per_byte']:13.2f}{flag}")
-    rows.append(f"bf16 clone: {clone:.0f} GB/s; pinned host->GPU->host limit (both ways at once): {limit:.1f} GB/s")
+    rows.append(f"bf16 clone: {clone:.0f} GB/s; pinned host->GPU->host limit (both ways at once): {limit:.1f} GB/s; "
+                f"host copy pageable -> pinned {res['host_copy_to_pinned_GBps']:.1f} GB/s; pieces {res['pieces']}")
     for name, r in res["e2e"].items():
         flag = "" if r["vs_limit"] >= BUDGET["e2e"] else f"  MISSED >= {BUDGET['e2e']:.0%}"
         if flag:

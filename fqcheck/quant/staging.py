@@ -56,21 +56,21 @@ class _Stage:
     """Per-device staging: SLOTS page-locked input buffers, SLOTS device input and output buffers,
     one stream each for copies in, the fold, and copies out, and the events that order them."""
 
-    def __init__(self, dev: torch.device, size: int):
+    def __init__(self, dev: torch.device, size: int, slots: int):
         with torch.cuda.device(dev):
-            self.pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(SLOTS)]
-            self.dev_in = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(SLOTS)]
-            self.dev_out = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(SLOTS)]
+            self.pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+            self.dev_in = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(slots)]
+            self.dev_out = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(slots)]
             self.h2d, self.compute, self.d2h = (torch.cuda.Stream(dev) for _ in range(3))
-            self.copied_in = [torch.cuda.Event() for _ in range(SLOTS)]   # pinned[j] and dev_in[j] filled
-            self.folded = [torch.cuda.Event() for _ in range(SLOTS)]      # dev_in[j] read, dev_out[j] filled
-            self.copied_out = [torch.cuda.Event() for _ in range(SLOTS)]  # dev_out[j] read
+            self.copied_in = [torch.cuda.Event() for _ in range(slots)]   # pinned[j] and dev_in[j] filled
+            self.folded = [torch.cuda.Event() for _ in range(slots)]      # dev_in[j] read, dev_out[j] filled
+            self.copied_out = [torch.cuda.Event() for _ in range(slots)]  # dev_out[j] read
 
 
 def _stage(dev: torch.device) -> _Stage:
-    key = (dev.index if dev.index is not None else torch.cuda.current_device(), PIECE_BYTES)
+    key = (dev.index if dev.index is not None else torch.cuda.current_device(), PIECE_BYTES, SLOTS)
     if key not in _stages:
-        _stages[key] = _Stage(torch.device("cuda", key[0]), PIECE_BYTES)
+        _stages[key] = _Stage(torch.device("cuda", key[0]), PIECE_BYTES, SLOTS)
     return _stages[key]
 
 
@@ -102,7 +102,7 @@ def fold_cuda(w: torch.Tensor, spec: QuantSpec, dev: torch.device) -> torch.Tens
 
 def _run(st: _Stage, w: torch.Tensor, pieces, out: torch.Tensor) -> None:
     for i, (r0, r1, s) in enumerate(pieces):
-        j, src = i % SLOTS, w[r0:r1]
+        j, src = i % len(st.pinned), w[r0:r1]
         nbytes = src.numel() * src.element_size()
         view = lambda buf: buf[:nbytes].view(w.dtype).view(src.shape)  # noqa: E731
         st.copied_in[j].synchronize()   # the pinned buffer's previous piece has reached the GPU

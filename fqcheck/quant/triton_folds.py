@@ -113,14 +113,24 @@ def _f32(v) -> torch.Tensor:
     return torch.as_tensor(v, dtype=torch.float32)
 
 
+def _on_device(amax: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """amax as float32 on x's GPU: a large one (block amax) through page-locked memory."""
+    a = amax.to(torch.float32)
+    if a.device.type == "cpu" and a.numel() > 4096:
+        a = a.pin_memory()
+    return a.to(x.device, non_blocking=True)
+
+
 def _scales(spec: QuantSpec, x: torch.Tensor):
-    """(mode, s, d, lo, hi, per_row, group) on the host exactly as formats computes them, or None."""
+    """(mode, s, d, lo, hi, per_row, group) as formats computes them, or None. Computed on the GPU:
+    the same float32 IEEE divisions and comparisons as formats' on the CPU (each operand a tensor,
+    so no division becomes a multiplication by a reciprocal), without a host pass over block amax."""
     rows, cols = x.shape
     if spec.fmt == "int" and spec.block_size:
         per_row = -(-cols // spec.block_size)
         if spec.amax.numel() != rows * per_row:
             return None
-        a, mode = spec.amax.to(torch.float32).cpu().reshape(-1), 3
+        a, mode = _on_device(spec.amax, x).reshape(-1), 3
     else:
         try:
             a = _broadcast_amax(spec.amax.to(torch.float32).cpu(), x)
@@ -135,7 +145,7 @@ def _scales(spec: QuantSpec, x: torch.Tensor):
             mode = 2
         else:
             return None
-        a = a.reshape(-1)
+        a = _on_device(a.reshape(-1), x)
     if spec.fmt == "fp8":  # formats.fake_fp8_e4m3, variant 0
         safe = torch.where(a <= EPS, torch.ones_like(a), a)
         s = torch.full_like(safe, E4M3_MAX) / safe
@@ -144,7 +154,7 @@ def _scales(spec: QuantSpec, x: torch.Tensor):
         return None  # formats raises: let it
     max_bound = float(2.0 ** (spec.num_bits - 1 + int(spec.unsigned)) - 1.0)  # formats.fake_int
     lo = 0.0 if spec.unsigned else (-max_bound if spec.narrow_range else -max_bound - 1.0)
-    scale = torch.tensor(max_bound, dtype=torch.float32) / a
+    scale = torch.full_like(a, max_bound) / a
     zero = a <= EPS
     s = torch.where(zero, torch.zeros_like(scale), scale)
     d = torch.where(zero, torch.ones_like(scale), scale)
@@ -164,7 +174,6 @@ def fold_into(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor) -> bool:
         if sc is None:
             return False
         mode, s, d, lo, hi, per_row, group = sc
-        s, d = s.to(x.device, non_blocking=True), d.to(x.device, non_blocking=True)
         grid = (rows, triton.cdiv(cols, BLOCK))
         _scaled_kernel[grid](x, out, s, d, cols, per_row, lo, hi, FP8=spec.fmt == "fp8", SCALE=mode,
                              GROUP=group, BLOCK=BLOCK)
