@@ -113,18 +113,21 @@ def _f32(v) -> torch.Tensor:
     return torch.as_tensor(v, dtype=torch.float32)
 
 
-def _on_device(amax: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """amax as float32 on x's GPU: a large one (block amax) through page-locked memory."""
-    a = amax.to(torch.float32)
-    if a.device.type == "cpu" and a.numel() > 4096:
+def _on_device(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """float32 amax where its scales are best computed: a few values stay on the host (no kernel
+    launches for them), block amax go to x's GPU through page-locked memory (no host pass)."""
+    a = a.to(torch.float32)
+    if a.numel() <= 4096:
+        return a.cpu()
+    if a.device.type == "cpu":
         a = a.pin_memory()
     return a.to(x.device, non_blocking=True)
 
 
 def _scales(spec: QuantSpec, x: torch.Tensor):
-    """(mode, s, d, lo, hi, per_row, group) as formats computes them, or None. Computed on the GPU:
-    the same float32 IEEE divisions and comparisons as formats' on the CPU (each operand a tensor,
-    so no division becomes a multiplication by a reciprocal), without a host pass over block amax."""
+    """(mode, s, d, lo, hi, per_row, group) as formats computes them, or None, on x's GPU: the same
+    float32 IEEE divisions and comparisons as formats' on the CPU, done where _on_device put the
+    amax (each operand a tensor, so no division becomes a multiplication by a reciprocal)."""
     rows, cols = x.shape
     if spec.fmt == "int" and spec.block_size:
         per_row = -(-cols // spec.block_size)
@@ -149,7 +152,7 @@ def _scales(spec: QuantSpec, x: torch.Tensor):
     if spec.fmt == "fp8":  # formats.fake_fp8_e4m3, variant 0
         safe = torch.where(a <= EPS, torch.ones_like(a), a)
         s = torch.full_like(safe, E4M3_MAX) / safe
-        return mode, s, torch.ones_like(s) / s, 0.0, 0.0, per_row, spec.block_size or 1
+        return mode, s.to(x.device, non_blocking=True), (torch.ones_like(s) / s).to(x.device, non_blocking=True), 0.0, 0.0, per_row, spec.block_size or 1
     if bool((a < 0).any()):
         return None  # formats raises: let it
     max_bound = float(2.0 ** (spec.num_bits - 1 + int(spec.unsigned)) - 1.0)  # formats.fake_int
@@ -158,7 +161,7 @@ def _scales(spec: QuantSpec, x: torch.Tensor):
     zero = a <= EPS
     s = torch.where(zero, torch.zeros_like(scale), scale)
     d = torch.where(zero, torch.ones_like(scale), scale)
-    return mode, s, d, lo, max_bound, per_row, spec.block_size or 1
+    return mode, s.to(x.device, non_blocking=True), d.to(x.device, non_blocking=True), lo, max_bound, per_row, spec.block_size or 1
 
 
 def fold_into(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor) -> bool:
