@@ -5,7 +5,7 @@ on the GPU: one Triton pass) and through formats.py's torch ops (the reference),
 clone of the same weights (budget: >= 25 % of the clone for FP8/INT8, >= 10 % for the block formats).
 Bit identity: fold_on_device == formats.quantize(...).to(dtype) on the GPU, random and edge weights,
 bf16/fp16/fp32. Memory: peak GPU memory beyond input and output, per input byte (budget <= 2).
-End to end: `fold_fast(w_cpu, spec, "cuda:0")` (and "cuda", every GPU, when there are several) from pageable CPU tensors (as the mmap reader hands
+End to end: `fold_fast(w_cpu, spec, "cuda:0")` from pageable CPU tensors (as the mmap reader hands
 them over) into page-locked output, against the pinned-copy limit: the same bytes copied pinned
 host -> GPU and GPU -> host at once on two streams (budget >= 60 %); formats.fold shown beside it.
 
@@ -197,8 +197,6 @@ def main() -> None:
         fast = wall_gbs(lambda w, s=spec: fold_fast(w, s, one), cpu_w)
         old = wall_gbs(lambda w, s=spec: fold(w, s, one), cpu_w, reps=1)
         res["e2e"][name] = {"fold_fast_GBps": fast, "formats_fold_GBps": old, "vs_limit": fast / limit}
-        if torch.cuda.device_count() > 1:  # "cuda" without an index: every visible GPU takes a share
-            res["e2e"][name]["all_gpus_GBps"] = wall_gbs(lambda w, s=spec: fold_fast(w, s, dev), cpu_w)
 
     missed = [f"identity {k}: {n} differ" for k, n in res["identity_differing"].items() if n]
     rows = [f"{'format':11s} {'fast GB/s':>10s} {'formats':>8s} {'vs clone':>9s} {'mem/B':>6s} {'formats mem/B':>13s}"]
@@ -218,8 +216,7 @@ def main() -> None:
         if flag:
             missed.append(f"e2e {name}:{flag}")
         rows.append(f"e2e {name:9s} fold_fast {r['fold_fast_GBps']:6.1f} GB/s ({r['vs_limit']:.0%} of the limit); "
-                    f"formats.fold {r['formats_fold_GBps']:6.1f} GB/s{flag}"
-                    + (f"; all {torch.cuda.device_count()} GPUs {r['all_gpus_GBps']:.1f} GB/s" if "all_gpus_GBps" in r else ""))
+                    f"formats.fold {r['formats_fold_GBps']:6.1f} GB/s{flag}")
     rows.append("identity (elements differing from formats on the GPU): "
                 + ", ".join(f"{k} {n}" for k, n in res["identity_differing"].items()))
     res["missed"] = missed

@@ -1,14 +1,14 @@
-"""The re-fold on GPUs: fold_cuda moves one weight host -> GPU -> host through page-locked staging
+"""The re-fold on a GPU: fold_cuda moves one weight host -> GPU -> host through page-locked staging
 buffers that are allocated once per device and reused, in pieces of rows, so that copying piece
 i+1 in, folding piece i and copying piece i-1 out run at the same time on three CUDA streams (and
-the host's copy from the mapped file into the staging buffer overlaps all three). With several
-GPUs each takes a share of the pieces. The folded weight lands in a page-locked tensor that the
-fix writer writes to the output file as it is.
+the host's copy from the mapped file into the staging buffer overlaps all three). The folded
+weight lands in a page-locked tensor that the fix writer writes to the output file as it is.
+(Splitting one weight's pieces over two GPUs, a host thread each, ran 12 GB/s against 28-31 on
+one GPU on an H200 pair: README, Performance.)
 """
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -75,28 +75,16 @@ def _stage(dev: torch.device) -> _Stage:
 
 
 def fold_cuda(w: torch.Tensor, spec: QuantSpec, dev: torch.device) -> torch.Tensor:
-    """formats.fold(w, spec, dev) for a CPU weight: a page-locked CPU tensor in w's dtype. `cuda`
-    without an index spreads the pieces over every visible GPU (a contiguous run of rows each, one
-    host thread per GPU); `cuda:N` uses that one."""
+    """formats.fold(w, spec, dev) for a CPU weight: a page-locked CPU tensor in w's dtype."""
     if w.device.type == "cuda":
         return fold_on_device(w.to(dev), spec).cpu()
     fits = w.is_contiguous() and w.dim() == 2 and w.shape[1] * w.element_size() <= PIECE_BYTES
     pieces = row_specs(w, spec, PIECE_BYTES // w.element_size()) if fits else None
     if pieces is None:
         return fold(w, spec, dev)
-    devices = [dev.index] if dev.index is not None else list(range(torch.cuda.device_count()))
-    devices = devices[:len(pieces)]
     out = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
-    share = -(-len(pieces) // len(devices))
-
-    def run(k):
-        with torch.cuda.device(devices[k]):
-            _run(_stage(torch.device("cuda", devices[k])), w, pieces[k * share:(k + 1) * share], out)
-    if len(devices) == 1:
-        run(0)
-    else:
-        with ThreadPoolExecutor(len(devices), thread_name_prefix="fqcheck-gpu") as pool:
-            list(pool.map(run, range(len(devices))))
+    with torch.cuda.device(dev):
+        _run(_stage(dev), w, pieces, out)
     return out
 
 
