@@ -105,13 +105,3 @@ def test_cuda_fold_fast_result_is_page_locked_and_input_untouched():
     out = fold_fast(w, QuantSpec("nvfp4", w.float().abs().amax(), block_size=16), "cuda")
     assert out.is_pinned() and out.device.type == "cpu" and torch.equal(w.view(torch.int16), before.view(torch.int16))
 
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_cuda_without_an_index_spreads_the_pieces_over_every_gpu(monkeypatch):
-    from fqcheck.quant import staging
-    monkeypatch.setattr(staging, "PIECE_BYTES", 64 << 10)
-    w = _weight((1024, 256), torch.bfloat16)
-    for spec in _specs(w):
-        _same(fold_fast(w, spec, "cuda"), fold(w, spec, "cuda:0"), spec.name)
-    assert {k[0] for k in staging._stages if k[1] == 64 << 10} == set(range(torch.cuda.device_count()))

@@ -1,14 +1,14 @@
-"""The re-fold on GPUs: fold_cuda moves one weight host -> GPU -> host through page-locked staging
+"""The re-fold on a GPU: fold_cuda moves one weight host -> GPU -> host through page-locked staging
 buffers that are allocated once per device and reused, in pieces of rows, so that copying piece
 i+1 in, folding piece i and copying piece i-1 out run at the same time on three CUDA streams (and
-the host's copy from the mapped file into the staging buffer overlaps all three). With several
-GPUs each takes a share of the pieces. The folded weight lands in a page-locked tensor that the
-fix writer writes to the output file as it is.
+the host's copy from the mapped file into the staging buffer overlaps all three). The folded
+weight lands in a page-locked tensor that the fix writer writes to the output file as it is.
+(Splitting one weight's pieces over two GPUs, a host thread each, ran 12 GB/s against 28-31 on
+one GPU on an H200 pair: README, Performance.)
 """
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -56,53 +56,41 @@ class _Stage:
     """Per-device staging: SLOTS page-locked input buffers, SLOTS device input and output buffers,
     one stream each for copies in, the fold, and copies out, and the events that order them."""
 
-    def __init__(self, dev: torch.device, size: int):
+    def __init__(self, dev: torch.device, size: int, slots: int):
         with torch.cuda.device(dev):
-            self.pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(SLOTS)]
-            self.dev_in = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(SLOTS)]
-            self.dev_out = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(SLOTS)]
+            self.pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+            self.dev_in = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(slots)]
+            self.dev_out = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(slots)]
             self.h2d, self.compute, self.d2h = (torch.cuda.Stream(dev) for _ in range(3))
-            self.copied_in = [torch.cuda.Event() for _ in range(SLOTS)]   # pinned[j] and dev_in[j] filled
-            self.folded = [torch.cuda.Event() for _ in range(SLOTS)]      # dev_in[j] read, dev_out[j] filled
-            self.copied_out = [torch.cuda.Event() for _ in range(SLOTS)]  # dev_out[j] read
+            self.copied_in = [torch.cuda.Event() for _ in range(slots)]   # pinned[j] and dev_in[j] filled
+            self.folded = [torch.cuda.Event() for _ in range(slots)]      # dev_in[j] read, dev_out[j] filled
+            self.copied_out = [torch.cuda.Event() for _ in range(slots)]  # dev_out[j] read
 
 
 def _stage(dev: torch.device) -> _Stage:
-    key = (dev.index if dev.index is not None else torch.cuda.current_device(), PIECE_BYTES)
+    key = (dev.index if dev.index is not None else torch.cuda.current_device(), PIECE_BYTES, SLOTS)
     if key not in _stages:
-        _stages[key] = _Stage(torch.device("cuda", key[0]), PIECE_BYTES)
+        _stages[key] = _Stage(torch.device("cuda", key[0]), PIECE_BYTES, SLOTS)
     return _stages[key]
 
 
 def fold_cuda(w: torch.Tensor, spec: QuantSpec, dev: torch.device) -> torch.Tensor:
-    """formats.fold(w, spec, dev) for a CPU weight: a page-locked CPU tensor in w's dtype. `cuda`
-    without an index spreads the pieces over every visible GPU (a contiguous run of rows each, one
-    host thread per GPU); `cuda:N` uses that one."""
+    """formats.fold(w, spec, dev) for a CPU weight: a page-locked CPU tensor in w's dtype."""
     if w.device.type == "cuda":
         return fold_on_device(w.to(dev), spec).cpu()
     fits = w.is_contiguous() and w.dim() == 2 and w.shape[1] * w.element_size() <= PIECE_BYTES
     pieces = row_specs(w, spec, PIECE_BYTES // w.element_size()) if fits else None
     if pieces is None:
         return fold(w, spec, dev)
-    devices = [dev.index] if dev.index is not None else list(range(torch.cuda.device_count()))
-    devices = devices[:len(pieces)]
     out = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
-    share = -(-len(pieces) // len(devices))
-
-    def run(k):
-        with torch.cuda.device(devices[k]):
-            _run(_stage(torch.device("cuda", devices[k])), w, pieces[k * share:(k + 1) * share], out)
-    if len(devices) == 1:
-        run(0)
-    else:
-        with ThreadPoolExecutor(len(devices), thread_name_prefix="fqcheck-gpu") as pool:
-            list(pool.map(run, range(len(devices))))
+    with torch.cuda.device(dev):
+        _run(_stage(dev), w, pieces, out)
     return out
 
 
 def _run(st: _Stage, w: torch.Tensor, pieces, out: torch.Tensor) -> None:
     for i, (r0, r1, s) in enumerate(pieces):
-        j, src = i % SLOTS, w[r0:r1]
+        j, src = i % len(st.pinned), w[r0:r1]
         nbytes = src.numel() * src.element_size()
         view = lambda buf: buf[:nbytes].view(w.dtype).view(src.shape)  # noqa: E731
         st.copied_in[j].synchronize()   # the pinned buffer's previous piece has reached the GPU

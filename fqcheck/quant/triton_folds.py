@@ -113,14 +113,27 @@ def _f32(v) -> torch.Tensor:
     return torch.as_tensor(v, dtype=torch.float32)
 
 
+def _on_device(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """float32 amax where its scales are best computed: a few values stay on the host (no kernel
+    launches for them), block amax go to x's GPU through page-locked memory (no host pass)."""
+    a = a.to(torch.float32)
+    if a.numel() <= 4096:
+        return a.cpu()
+    if a.device.type == "cpu":
+        a = a.pin_memory()
+    return a.to(x.device, non_blocking=True)
+
+
 def _scales(spec: QuantSpec, x: torch.Tensor):
-    """(mode, s, d, lo, hi, per_row, group) on the host exactly as formats computes them, or None."""
+    """(mode, s, d, lo, hi, per_row, group) as formats computes them, or None, on x's GPU: the same
+    float32 IEEE divisions and comparisons as formats' on the CPU, done where _on_device put the
+    amax (each operand a tensor, so no division becomes a multiplication by a reciprocal)."""
     rows, cols = x.shape
     if spec.fmt == "int" and spec.block_size:
         per_row = -(-cols // spec.block_size)
         if spec.amax.numel() != rows * per_row:
             return None
-        a, mode = spec.amax.to(torch.float32).cpu().reshape(-1), 3
+        a, mode = _on_device(spec.amax, x).reshape(-1), 3
     else:
         try:
             a = _broadcast_amax(spec.amax.to(torch.float32).cpu(), x)
@@ -135,20 +148,20 @@ def _scales(spec: QuantSpec, x: torch.Tensor):
             mode = 2
         else:
             return None
-        a = a.reshape(-1)
+        a = _on_device(a.reshape(-1), x)
     if spec.fmt == "fp8":  # formats.fake_fp8_e4m3, variant 0
         safe = torch.where(a <= EPS, torch.ones_like(a), a)
         s = torch.full_like(safe, E4M3_MAX) / safe
-        return mode, s, torch.ones_like(s) / s, 0.0, 0.0, per_row, spec.block_size or 1
+        return mode, s.to(x.device, non_blocking=True), (torch.ones_like(s) / s).to(x.device, non_blocking=True), 0.0, 0.0, per_row, spec.block_size or 1
     if bool((a < 0).any()):
         return None  # formats raises: let it
     max_bound = float(2.0 ** (spec.num_bits - 1 + int(spec.unsigned)) - 1.0)  # formats.fake_int
     lo = 0.0 if spec.unsigned else (-max_bound if spec.narrow_range else -max_bound - 1.0)
-    scale = torch.tensor(max_bound, dtype=torch.float32) / a
+    scale = torch.full_like(a, max_bound) / a
     zero = a <= EPS
     s = torch.where(zero, torch.zeros_like(scale), scale)
     d = torch.where(zero, torch.ones_like(scale), scale)
-    return mode, s, d, lo, max_bound, per_row, spec.block_size or 1
+    return mode, s.to(x.device, non_blocking=True), d.to(x.device, non_blocking=True), lo, max_bound, per_row, spec.block_size or 1
 
 
 def fold_into(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor) -> bool:
@@ -164,7 +177,6 @@ def fold_into(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor) -> bool:
         if sc is None:
             return False
         mode, s, d, lo, hi, per_row, group = sc
-        s, d = s.to(x.device, non_blocking=True), d.to(x.device, non_blocking=True)
         grid = (rows, triton.cdiv(cols, BLOCK))
         _scaled_kernel[grid](x, out, s, d, cols, per_row, lo, hi, FP8=spec.fmt == "fp8", SCALE=mode,
                              GROUP=group, BLOCK=BLOCK)
