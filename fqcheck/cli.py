@@ -84,11 +84,13 @@ def _errors():
     from .options import UsageError
     try:
         yield
-    except FixRefused as e:  # one line, then the blocking findings as lint prints them
+    except FixRefused as e:  # one line, then the blocking findings as lint prints them (or the reasons)
+        from .report.escape import printable
         from .report.text import finding_line
-        _say(str(e).splitlines()[0])
-        for f in e.findings:
-            sys.stderr.write(f"  {finding_line(f)}\n")
+        head, *rest = str(e).splitlines() or [""]
+        _say(head)
+        details = [finding_line(f) for f in e.findings] or [printable(line.strip()) for line in rest]
+        sys.stderr.write("".join(f"  {line}\n" for line in details if line))
         raise typer.Exit(EXIT_ERROR) from None
     except (FixError, CheckpointError, CatalogError, UsageError) as e:
         raise _fail(str(e)) from None

@@ -64,7 +64,7 @@ def _section(title: str, findings, res, verbose: bool) -> list[str]:
 
 
 def _rules(res) -> dict:
-    if res.remaining is not None:
-        return res.remaining.rules
+    """The rules that ran in the re-lint (user rules, severity overrides), and the built-in catalog
+    for the rest (a fix may apply a deep rule that a plain re-lint does not run)."""
     from ..catalog import load_catalog
-    return load_catalog()
+    return {**load_catalog(), **(res.remaining.rules if res.remaining is not None else {})}
