@@ -167,3 +167,14 @@ def test_help_has_no_type_placeholders(command):
     r = cli(*command, "--help", env={"COLUMNS": "100"})
     assert r.exit_code == 0
     assert "<bool>" not in r.output and "<list" not in r.output and "<str>" not in r.output, r.output
+
+
+def test_a_refused_fix_says_why_on_stderr(demo):
+    # the demo's two raw weights have a leaked weight amax and nothing names their format
+    before = {p.name: p.read_bytes() for p in demo.iterdir() if p.is_file()}
+    r = CliRunner().invoke(app, ["fix", str(demo)])
+    assert r.exit_code == 2
+    lines = r.output.splitlines()
+    assert lines[0].startswith("fqcheck: refusing to fix: 2 weight(s)")
+    assert sum("format unknown" in line for line in lines) == 2 and "--quant-format" in lines[-1]
+    assert {p.name: p.read_bytes() for p in demo.iterdir() if p.is_file()} == before
