@@ -13,7 +13,6 @@ import math
 import mmap
 import os
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -114,9 +113,6 @@ class DeepScan:
         return sorted(groups)
 
 
-_SCANS: "weakref.WeakKeyDictionary[Checkpoint, DeepScan]" = weakref.WeakKeyDictionary()
-
-
 def scannable(header: st.SafetensorsHeader) -> bool:
     """Shards whose offsets can be trusted: no unreadable header (SFT001), no buffer mismatch (SFT004)."""
     return not any(p.kind in (st.UNREADABLE, st.BUFFER) for p in header.problems)
@@ -124,10 +120,11 @@ def scannable(header: st.SafetensorsHeader) -> bool:
 
 def scan(ckpt: Checkpoint, *, chunk_bytes: int = CHUNK_BYTES, progress: bool | None = None,
          workers: int | None = None) -> DeepScan:
-    """Run the deep pass once per Checkpoint object (memoised) and return its results."""
-    cached = _SCANS.get(ckpt)
-    if cached is not None:
-        return cached
+    """Run the deep pass once per Checkpoint object (memoised on it) and return its results."""
+    return ckpt.once("deep.scan", lambda: _scan(ckpt, chunk_bytes, progress, workers))
+
+
+def _scan(ckpt: Checkpoint, chunk_bytes: int, progress: bool | None, workers: int | None) -> DeepScan:
     import numpy as np
 
     if chunk_bytes <= 0 or chunk_bytes % 8:
@@ -144,8 +141,7 @@ def scan(ckpt: Checkpoint, *, chunk_bytes: int = CHUNK_BYTES, progress: bool | N
     finally:
         if bar is not None:
             bar.stop()
-    result = _SCANS[ckpt] = DeepScan(ckpt, stats, chunk_bytes)
-    return result
+    return DeepScan(ckpt, stats, chunk_bytes)
 
 
 def _scan_shard(np, fname: str, sd: ShardData, chunk_bytes: int, bar, stats: dict, workers: int) -> None:

@@ -45,17 +45,14 @@ class Hit:
 
 @dataclass
 class Context:
-    """What a check is given: the checkpoint, the run's options (typed, one Options for lint and
-    fix alike), and a memo the checks of one run share (`once`)."""
+    """What a check is given: the checkpoint and the run's options (typed, one Options for lint and
+    fix alike). Analyses several rules share are memoised on the checkpoint (`once`)."""
     ckpt: Checkpoint
     options: Options = field(default_factory=Options)
-    memo: dict = field(default_factory=dict)
 
-    def once(self, key, make):
+    def once(self, key: str, make):
         """make() the first time `key` is asked for in this run; the same value after."""
-        if key not in self.memo:
-            self.memo[key] = make()
-        return self.memo[key]
+        return self.ckpt.once(key, make)
 
 
 CheckFn = Callable[[Context], Iterable[Hit]]

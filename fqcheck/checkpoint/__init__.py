@@ -47,6 +47,15 @@ class Checkpoint:
         self._lookups = 0  # calls to tensor()
         self._outside: dict[str, str] = {}
 
+    def once(self, key: str, make):
+        """make() the first time `key` is asked for on this Checkpoint, the same value after: the
+        analyses several rules share (the index view, the model comparison, the deep pass, the SRV
+        pass). A lint or fix run opens its own Checkpoint, so this is also the run's memo."""
+        memo = self.__dict__.setdefault("_memo", {})
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
+
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
         p = Path(path)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -64,19 +63,14 @@ class Comparison:
     model_class: str = ""
 
 
-_CACHE: "weakref.WeakKeyDictionary[Checkpoint, Comparison]" = weakref.WeakKeyDictionary()
-
-
 def compare(ckpt: Checkpoint) -> Comparison:
     """Build the model once per Checkpoint and compare; the three ARC checks share the result."""
-    c = _CACHE.get(ckpt)
-    if c is None:
+    def make() -> Comparison:
         try:
-            c = _compare(ckpt)
+            return _compare(ckpt)
         except _NotCheckable as e:
-            c = Comparison(not_checkable=str(e))
-        _CACHE[ckpt] = c
-    return c
+            return Comparison(not_checkable=str(e))
+    return ckpt.once("arc.comparison", make)
 
 
 class _NotCheckable(Exception):
@@ -352,15 +346,9 @@ def _header_half(ckpt: Checkpoint):
     return analyse(ckpt, cfg, packed=bool(layout and layout[1]), quantized=layout is not None)
 
 
-_HEADER: "weakref.WeakKeyDictionary[Checkpoint, object]" = weakref.WeakKeyDictionary()
-
-
 def header_findings(ckpt: Checkpoint):
     """Computed once per Checkpoint; the three ARC checks share it."""
-    f = _HEADER.get(ckpt)
-    if f is None:
-        f = _HEADER[ckpt] = _header_half(ckpt)
-    return f
+    return ckpt.once("arc.header", lambda: _header_half(ckpt))
 
 
 def _in_file(ckpt: Checkpoint, tensor: str) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import islice, repeat
@@ -77,15 +76,9 @@ class IndexView:
                 and all(all(map(eq, map(get, h.names), repeat(f))) for f, h in self.readable.items()))
 
 
-_VIEWS: "weakref.WeakKeyDictionary[Checkpoint, IndexView]" = weakref.WeakKeyDictionary()
-
-
 def index_view(ckpt: Checkpoint) -> IndexView:
-    """Computed once per Checkpoint and shared by the IDX checks (and the index rebuild)."""
-    v = _VIEWS.get(ckpt)
-    if v is None:
-        v = _VIEWS[ckpt] = _build(ckpt)
-    return v
+    """Computed once per Checkpoint and shared by the IDX checks."""
+    return ckpt.once("idx.view", lambda: _build(ckpt))
 
 
 def _build(ckpt: Checkpoint) -> IndexView:
