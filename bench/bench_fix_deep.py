@@ -4,7 +4,7 @@ Builds a FakeQuant FP8 export in N shards (real files): bf16 linear weights, eve
 `weight_quantizer._amax` (QNT001) and a quantizer state file; `--refold` of the bytes (default 10 %)
 are weights the export left unquantized (QNT002), the rest are folded. Page cache warm, then in one
 run: `cp` of the shards + `sync` (the baseline), and the fix three ways:
-- writer: what `fix` runs between its lint and its re-lint (fqcheck.fix.runner._write_copy: every
+- writer: what `fix` runs between its lint and its re-lint (fqcheck.fixer.runner._write_copy: every
   shard rewritten with the QNT001 drops and the re-folds, fsynced), given the plan of a real lint;
 - api: `fqcheck.fix(src, deep=True, output=dst)` in process: lint --deep, write, re-lint --deep;
 - cli: `python3 -m fqcheck fix --deep --output` (adds interpreter start and imports).
@@ -117,8 +117,8 @@ def main() -> None:
 
     import fqcheck
     from fqcheck.checkpoint import Checkpoint
-    from fqcheck.fix.plan import make_plan
-    from fqcheck.fix.runner import _write_copy
+    from fqcheck.fixer.plan import make_plan
+    from fqcheck.fixer.runner import _write_copy
 
     shutil.rmtree(args.dir, ignore_errors=True)
     src, dst = args.dir / "ckpt", args.dir / "out"

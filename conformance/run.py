@@ -135,7 +135,7 @@ def build(name: str, out: Path) -> Path:
 def lint_and_fix(case: Case, d: Path) -> dict:
     import fqcheck
     from fqcheck.catalog import load_catalog
-    from fqcheck.fix.plan import FixRefused
+    from fqcheck.fixer.plan import FixRefused
 
     r = fqcheck.lint(d, quiet=True)
     errors = [f for f in r.findings if f.severity == "error"]

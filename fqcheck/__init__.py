@@ -6,15 +6,16 @@
 """
 __version__ = "0.1.0"
 
-__all__ = ["Finding", "Options", "Report", "lint", "fix", "__version__"]
+__all__ = ["FixError", "FixRefused", "FixResult", "Finding", "Options", "Report", "UsageError", "fix", "lint",
+           "__version__"]
 
 
 def __getattr__(name: str):
     # Loaded on first use: `import fqcheck` stays cheap (no engine, catalog or checks).
-    if name in ("Finding", "Options", "Report", "lint"):
+    if name in ("Finding", "Options", "Report", "UsageError", "lint", "fix"):
         from . import api
         return getattr(api, name)
-    if name == "fix":  # a callable package: fqcheck.fix(path, ...) is fqcheck.api.fix
-        import importlib
-        return importlib.import_module(f"{__name__}.fix")  # binds fqcheck.fix to the package
+    if name in ("FixError", "FixRefused", "FixResult"):
+        from .fixer import runner
+        return getattr(runner, name)
     raise AttributeError(f"module 'fqcheck' has no attribute {name!r}")

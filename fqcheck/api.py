@@ -118,11 +118,11 @@ def lint(path: str | Path, options: Options | None = None, **kw) -> Report:
 
 def fix(path: str | Path, options: Options | None = None, *, unsafe_fixes: bool = False,
         dry_run: bool = False, output: str | Path | None = None, backup: bool = True, **kw):
-    """Repair a checkpoint crash-safely (see fqcheck.fix.runner): lint with the same options,
+    """Repair a checkpoint crash-safely (see fqcheck.fixer.runner): lint with the same options,
     apply the safe fixes (and the unsafe ones with unsafe_fixes), re-lint. Returns a FixResult.
     Raises FixRefused (unfixable errors; nothing changed), FixError (I/O failure, rolled back; or
     locked), CheckpointError, UsageError."""
-    from .fix.runner import run
+    from .fixer.runner import run
     return run(path, with_keywords(options, kw), unsafe_fixes=unsafe_fixes, dry_run=dry_run,
                output=output, backup=backup)
 

@@ -80,7 +80,7 @@ def _errors():
     from .catalog import CatalogError
     from .checkpoint import CheckpointError
     from .engine import CheckCrashed
-    from .fix.runner import FixError, FixRefused
+    from .fixer.runner import FixError, FixRefused
     from .options import UsageError
     try:
         yield
@@ -239,7 +239,7 @@ def explain(
 @app.command(short_help="Undo the last fix.")
 def restore(path: Path = typer.Argument(..., metavar="PATH", hidden=True)) -> None:
     """Undo the last in-place fix of PATH: put the originals from .fqcheck/backup/ back."""
-    from .fix.runner import restore as run_restore
+    from .fixer.runner import restore as run_restore
     from .report.escape import printable
 
     with _errors():

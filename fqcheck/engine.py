@@ -12,7 +12,7 @@ from .checkpoint import Checkpoint
 from .options import Options
 
 if TYPE_CHECKING:  # the edits are plain data; the engine needs their type only for annotations
-    from .fix.edits import Fix
+    from .fixer.edits import Fix
 
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 

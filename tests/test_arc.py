@@ -12,7 +12,7 @@ import torch
 from builders import (edit_shard, leak_quantizer_state, load_shard, read_config, read_index, save_tiny_model, write_config)
 from fqcheck.api import lint
 from fqcheck.checks.arc import build_meta_model
-from fqcheck.fix.edits import DropTensor
+from fqcheck.fixer.edits import DropTensor
 
 _BUILT: dict = {}
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
@@ -364,7 +364,7 @@ def test_pytorch_model_bin_checked_by_its_state_dict_shapes(tmp_path_factory, tm
 
 def test_pytorch_model_bin_missing_tensor_and_fix_refusal_names_files(tmp_path_factory, tmp_path):
     import fqcheck
-    from fqcheck.fix.plan import FixRefused
+    from fqcheck.fixer.plan import FixRefused
     name = "model.layers.1.mlp.up_proj.weight"
     d = _bin_checkpoint(tmp_path_factory, tmp_path, drop=name)
     assert found(arc(d)) == [("ARC002", "config.json", name)]

@@ -10,7 +10,7 @@ import torch
 
 from builders import edit_shard, load_shard, read_config, read_index, save_tiny_model, write_config
 from fqcheck.api import lint
-from fqcheck.fix.edits import DropTensor
+from fqcheck.fixer.edits import DropTensor
 
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_hidden_layers=4, mlp_only_layers=[0])
 

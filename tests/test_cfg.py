@@ -5,7 +5,7 @@ import torch
 
 from builders import load_shard, read_config, save_shard, save_tiny_model, write_config
 from fqcheck.api import lint
-from fqcheck.fix.edits import DropJsonKey
+from fqcheck.fixer.edits import DropJsonKey
 
 
 def codes(report, code=None):

@@ -8,7 +8,7 @@ from builders import load_shard, raw_safetensors, read_config, save_shard, save_
 from fqcheck.api import lint
 from fqcheck.checkpoint import Checkpoint
 from fqcheck.deep import scan, tied_embedding_hits
-from fqcheck.fix.edits import DropTensor
+from fqcheck.fixer.edits import DropTensor
 
 SHARD = "model.safetensors"
 Q = "model.layers.0.self_attn.q_proj.weight"

@@ -13,10 +13,10 @@ from builders import leak_quantizer_state, read_index
 from fixhelp import damage, files_stat, leak_rules, loads_cleanly, run_cli, state, strip_metadata
 from fqcheck.checkpoint import BACKUP_DIR, Checkpoint
 from fqcheck.engine import Finding
-from fqcheck.fix import edits as E
-from fqcheck.fix import shard as shardmod
-from fqcheck.fix.journal import FixError
-from fqcheck.fix.plan import FixRefused, make_plan
+from fqcheck.fixer import edits as E
+from fqcheck.fixer import shard as shardmod
+from fqcheck.fixer.journal import FixError
+from fqcheck.fixer.plan import FixRefused, make_plan
 from fqcheck.api import fix
 
 
@@ -192,7 +192,7 @@ def test_unsafe_fix_needs_flag(sharded_llama, tmp_path):
 def test_lock_held_by_live_process_refuses(sharded_llama, tmp_path):
     d = sharded_llama
     strip_metadata(sorted(d.glob("*.safetensors"))[0])
-    from fqcheck.fix.lock import Lock
+    from fqcheck.fixer.lock import Lock
     holder = Lock(d)
     holder.acquire()  # this process holds it, as a concurrent fix would
     try:
@@ -302,13 +302,13 @@ def test_planner_merges_edits_and_rebuilds_index(sharded_llama):
 def test_fix_is_cheap_to_import():
     import subprocess
     import sys
-    code = "import fqcheck, fqcheck.fix.edits, sys; print(any(m.startswith(('torch', 'transformers')) for m in sys.modules))"
+    code = "import fqcheck, fqcheck.fixer.edits, sys; print(any(m.startswith(('torch', 'transformers')) for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False"
 
 
 def test_failure_during_commit_rolls_back(sharded_llama, tmp_path, monkeypatch):
-    from fqcheck.fix import durable, transaction
+    from fqcheck.fixer import durable, transaction
     d = sharded_llama
     damage(d)
     before = state(d)
@@ -356,8 +356,8 @@ def test_failing_producer_rolls_back(tiny_llama):
     t = "model.layers.0.mlp.up_proj.weight"
     findings = [Finding("Y", "error", "refold", "model.safetensors", t, "safe", E.ReplaceTensor("model.safetensors", t, boom))]
     plan = make_plan(ckpt, findings)
-    from fqcheck.fix.transaction import Transaction
-    from fqcheck.fix.runner import _write_new_files
+    from fqcheck.fixer.transaction import Transaction
+    from fqcheck.fixer.runner import _write_new_files
     tx = Transaction(d)
     with pytest.raises(OSError, match="computing the new data failed: RuntimeError: CUDA error"):
         try:

@@ -3,7 +3,7 @@ later copy through the slower fallbacks."""
 import errno
 import os
 
-from fqcheck.fix import shard
+from fqcheck.fixer import shard
 
 
 def test_exdev_falls_back_for_that_file_only(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from builders import leak_quantizer_state, read_config, read_index, write_config
 from fixhelp import loads_cleanly, run_cli, state
 from builders import load_shard, save_shard
 from fqcheck.api import fix
-from fqcheck.fix.runner import FixRefused
+from fqcheck.fixer.runner import FixRefused
 
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from fixhelp import tensor_bytes
 from fqcheck.checkpoint.safetensors import read_header
-from fqcheck.fix.shard import write_shard
+from fqcheck.fixer.shard import write_shard
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.int64, torch.float8_e4m3fn, torch.bool]
 

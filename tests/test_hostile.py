@@ -252,7 +252,7 @@ def test_output_copy_keeps_an_outside_link_as_a_link(tiny_llama, outside, tmp_pa
     d = tiny_llama
     strip_metadata(d / "model.safetensors")
     os.symlink(outside / "secret.txt", d / "tokenizer.json")
-    with pytest.raises(fqcheck.fix.FixRefused, match="IDX009 tokenizer.json"):
+    with pytest.raises(fqcheck.FixRefused, match="IDX009 tokenizer.json"):
         fqcheck.fix(d, output=tmp_path / "copy")  # the link is an error: refused, nothing written
     assert not (tmp_path / "copy").exists()
     res = fqcheck.fix(d, output=tmp_path / "copy", ignore=["IDX009"])  # told to go on: the link is kept

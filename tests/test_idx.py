@@ -13,7 +13,7 @@ from fqcheck.api import lint
 from fqcheck.catalog import load_catalog, schema_path
 from fqcheck.checkpoint import INDEX_NAME, Checkpoint
 from fqcheck.checks import idx as idx_checks
-from fqcheck.fix.edits import DropTensor, RebuildIndex, RetireFile
+from fqcheck.fixer.edits import DropTensor, RebuildIndex, RetireFile
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"   # shares its shard with other tensors
 NORM = "model.norm.weight"

@@ -7,7 +7,7 @@ from builders import leak_quantizer_state, load_shard, read_index, save_shard, w
 from fqcheck.api import lint
 from fqcheck.checkpoint import STATE_NAME
 from fqcheck.names import LEAK_PATTERN
-from fqcheck.fix.edits import DropTensor
+from fqcheck.fixer.edits import DropTensor
 
 
 def codes(report, code=None):

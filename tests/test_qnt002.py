@@ -11,7 +11,7 @@ from fqbuild import LINEARS, fq_export, linear_modules, quant_cfg, write_state
 from fqcheck.api import lint
 from fqcheck.checkpoint import Checkpoint
 from fqcheck.checkpoint.data import ShardData
-from fqcheck.fix.edits import ReplaceTensor
+from fqcheck.fixer.edits import ReplaceTensor
 from fqcheck.quant.formats import QuantSpec, fold
 from fqcheck.quant.state import deep_state_problems, load_state
 

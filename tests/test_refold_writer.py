@@ -10,7 +10,7 @@ from safetensors import safe_open
 from builders import raw_safetensors
 from fqcheck.checkpoint.safetensors import read_header
 from fqcheck.checks.qnt_deep import Refold
-from fqcheck.fix.shard import ShardWriteError, write_shard
+from fqcheck.fixer.shard import ShardWriteError, write_shard
 from fqcheck.quant.formats import QuantSpec, fold
 
 

@@ -19,7 +19,7 @@ from typing import Iterator
 from ..checkpoint import CONFIG_NAME, Checkpoint
 from ..engine import Context, Hit, check
 from ..options import Options
-from ..fix.edits import DropTensor
+from ..fixer.edits import DropTensor
 
 # Real-quantized exports store, next to (or instead of) a module's `weight`, tensors the float model
 # does not have. quant_method (config.json quantization_config, or "modelopt" when

@@ -7,7 +7,7 @@ from typing import Iterator
 from ..catalog import schema_path
 from ..checkpoint import CONFIG_NAME
 from ..engine import Context, Hit, check
-from ..fix.edits import DropJsonKey
+from ..fixer.edits import DropJsonKey
 
 CONFIG_SCHEMA = "config.schema.json"
 # config dtype strings (transformers' str(torch.dtype) without "torch.") -> safetensors dtype

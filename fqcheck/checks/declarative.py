@@ -9,7 +9,7 @@ from typing import Iterator
 from ..catalog import CatalogError, Rule, rules_dir
 from ..checkpoint import Checkpoint, load_json
 from ..engine import Hit
-from ..fix.edits import DropJsonKey, DropTensor
+from ..fixer.edits import DropJsonKey, DropTensor
 
 
 def evaluate(rule: Rule, ckpt: Checkpoint) -> Iterator[Hit]:

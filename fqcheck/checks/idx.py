@@ -23,9 +23,9 @@ from ..catalog import schema_path
 from ..checkpoint import INDEX_NAME, Checkpoint, SafetensorsHeader
 from ..checkpoint import safetensors as st
 from ..engine import Context, Hit, check
-from ..fix.index import total_size
+from ..fixer.index import total_size
 from ..names import is_quantizer_state
-from ..fix.edits import DropTensor, RebuildIndex, RetireFile
+from ..fixer.edits import DropTensor, RebuildIndex, RetireFile
 
 SCHEMA = "index.schema.json"
 CHUNK = 8 << 20  # bytes compared at a time when two copies of a tensor are checked for equality

@@ -6,7 +6,7 @@ from typing import Iterator
 
 from ..checkpoint import STATE_NAME, Checkpoint
 from ..engine import Context, Hit, check
-from ..fix.edits import DropTensor
+from ..fixer.edits import DropTensor
 from ..names import is_quantizer_state
 
 

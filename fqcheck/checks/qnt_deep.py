@@ -1,14 +1,14 @@
 """QNT002 (deep): weights whose weight quantizer is enabled but whose values are off its grid; weights
 whose leaked amax is evidence but whose format nothing decides ("cannot verify"); stripped INT-block
 weights that were never folded. `verdicts` is also what fix asks before dropping a leaked weight amax
-(fqcheck/fix/evidence.py). torch is imported only when the check runs, never at import."""
+(fqcheck/fixer/evidence.py). torch is imported only when the check runs, never at import."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..checkpoint.safetensors import FLOAT_DTYPES
 from ..engine import Context, Hit, check
-from ..fix.edits import ReplaceTensor
+from ..fixer.edits import ReplaceTensor
 from ..quant.state import STAGE_RE
 from .qnt import OLD_AMAX_NAME, torch_installed
 

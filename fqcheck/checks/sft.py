@@ -7,7 +7,7 @@ from typing import Iterator
 from ..checkpoint import Checkpoint
 from ..checkpoint import safetensors as st
 from ..engine import Context, Hit, check
-from ..fix.edits import SetMetadata
+from ..fixer.edits import SetMetadata
 
 
 def _problems(ckpt: Checkpoint, kind: str) -> Iterator[Hit]:

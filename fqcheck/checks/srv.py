@@ -15,7 +15,7 @@ from typing import Iterator
 from ..checkpoint import Checkpoint
 from ..checkpoint.safetensors import columns
 from ..engine import Context, Hit, check
-from ..fix.edits import DropTensor
+from ..fixer.edits import DropTensor
 from ..serve import formats as F
 from ..serve.config import Layout, Resolved, resolve
 from ..serve.match import FUSED_TAILS, QKV, classify, fused_name, inferred, modelopt_exact_splits, siblings

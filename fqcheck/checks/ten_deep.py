@@ -15,7 +15,7 @@ def duplicate_tensors(ctx: Context) -> Iterator[Hit]:
     ckpt = ctx.ckpt
     from ..deep import scan_for, tie_word_embeddings
     from ..names import LM_HEAD, embedding_name
-    from ..fix.edits import DropTensor
+    from ..fixer.edits import DropTensor
 
     deep = scan_for(ckpt, ctx.options)
     # Matrices only, not all zero (TEN005's business): 1-D norms and biases of a fresh model
