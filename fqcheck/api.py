@@ -107,7 +107,7 @@ def lint(path: str | Path, options: Options | None = None, **kw) -> Report:
         raise CheckpointError(f"{path}: no weights here (no .safetensors file and no pickled "
                               "state dict such as pytorch_model.bin)")
     notes = []
-    if pending_fix(ckpt.root):
+    if (ckpt.root / BACKUP_DIR).is_dir() and _pending(ckpt.root):
         notes.append(f"an interrupted fix is pending in {BACKUP_DIR}/: run `fqcheck fix {path}` to finish "
                      f"it or `fqcheck restore {path}` to roll it back; linted the files as they are")
     findings = engine.run(ckpt, rules, opts)
@@ -136,6 +136,7 @@ def with_keywords(options: Options | None, kw: dict) -> Options:
     return replace(base, **{k: getattr(given, k) for k in kw})
 
 
-def pending_fix(root: Path) -> bool:
-    """A fix left its journal behind: it was killed between its first and last rename."""
-    return os.path.lexists(root / BACKUP_DIR / "journal.json")
+def _pending(root: Path) -> bool:
+    # the fixer's own test, imported only when a fix left .fqcheck/ behind (lint's hot path)
+    from .fixer.recovery import pending
+    return pending(root)
