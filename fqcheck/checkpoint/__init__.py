@@ -209,9 +209,10 @@ class Checkpoint:
         return self._json(CONFIG_NAME)
 
     def _json(self, name: str) -> JsonFile | None:
+        """A top-level JSON file of the checkpoint, parsed once per run (None when absent)."""
         if self._only is not None or name not in self.names:
             return None
-        return load_json(self.path(name), name)
+        return self.once(f"json:{name}", lambda: load_json(self.path(name), name))
 
 
 _CACHE_REPO = re.compile(r"(models|datasets|spaces)--.+")

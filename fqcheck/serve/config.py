@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..checkpoint import Checkpoint, load_json
+from ..checkpoint import Checkpoint
 
 MODELOPT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A16_NVFP4", "MXFP8",
                   "MIXED_PRECISION")  # modelopt.py QUANT_ALGOS
@@ -49,10 +49,8 @@ class Resolved:
 
 
 def _side_file(ckpt: Checkpoint, name: str):
-    if name not in ckpt.names:
-        return None
-    f = load_json(ckpt.path(name), name)
-    return f.data if f.error is None and isinstance(f.data, dict) else None
+    f = ckpt._json(name)  # parsed once per run, shared with the QNT format resolver
+    return f.data if f is not None and f.error is None and isinstance(f.data, dict) else None
 
 
 def effective_config(ckpt: Checkpoint) -> tuple[dict, str] | None:
