@@ -108,37 +108,35 @@ def _top_against_config(ctx: _Context, top: dict[str, set], out: LayerFindings) 
 
 
 def _split_experts(ckpt: Checkpoint) -> tuple[list, list, str]:
-    """(names that are not an expert's, their shapes, the expert names joined by newlines). A shard
+    """(names that are not an expert's, their shapes, the expert names, each ending in a newline). A shard
     all experts or none is told by one str.count over its joined names; only shards that mix
     (one in three on a DeepSeek-R1) are split name by name."""
     names: list = []
     shapes: list = []
     experts = []
     for h in ckpt.headers().values():
-        joined = "\n".join(h.names)
-        n = joined.count(".experts.")
+        n = h.joined.count(".experts.")
         if n == 0:
             names += h.names
             shapes += h.shapes()
         elif n == len(h.names) and ".experts." in h.names[0]:
-            experts.append(joined)
+            experts.append(h.joined)
         else:
             mask = list(map(str.__contains__, h.names, repeat(".experts.")))
-            experts.append("\n".join(compress(h.names, mask)))
+            experts.append("\n".join(compress(h.names, mask)) + "\n")
             keep = list(map(not_, mask))
             names += compress(h.names, keep)
             shapes += compress(h.shapes(), keep)
-    return names, shapes, "\n".join(e for e in experts if e)
+    return names, shapes, "".join(experts)
 
 
-def _experts_agree(experts: str, cfg: dict) -> bool:
-    """Whether the expert tensors (98 % of a DeepSeek-R1's names), joined by newlines, agree: there
+def _experts_agree(joined: str, cfg: dict) -> bool:
+    """Whether the expert tensors (98 % of a DeepSeek-R1's names), each ending in a newline, agree: there
     are (declared experts) x (MoE layers) x (tensors the first stored expert has) of them, the MoE
     layers being those that store expert 0. Two str.count scans, at C speed; when they do not agree
     the experts are compared name by name. What this misses (an expert's shape, a tensor too many in
     one place and too few in another, a layer whose experts are all gone) --arch finds."""
     declared = next((cfg[k] for k in EXPERT_KEYS if _int(cfg, k)), None)
-    joined = experts + "\n"
     m = _FIRST_EXPERT.match(joined[:joined.index("\n")])
     if declared is None or m is None:
         return False  # no declared count, or fused experts (experts.gate_up_proj): few names

@@ -71,9 +71,11 @@ class IndexView:
     def exact(self) -> bool:
         """The usual, clean case, when IDX004 and IDX005 have nothing: the index maps each tensor
         of each readable shard to that shard, and has no other entry."""
-        get = self.weight_map.get
-        return (len(self.weight_map) == sum(len(h.names) for h in self.readable.values())
-                and all(all(map(eq, map(get, h.names), repeat(f))) for f, h in self.readable.items()))
+        wm = self.weight_map
+        if len(wm) != sum(len(h.names) for h in self.readable.values()):
+            return False
+        get = wm.get  # list equality at C speed: each name's file is the shard's
+        return all(list(map(get, h.names)) == [f] * len(h.names) for f, h in self.readable.items())
 
 
 def index_view(ckpt: Checkpoint) -> IndexView:

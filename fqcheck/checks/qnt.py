@@ -14,7 +14,9 @@ from ..names import is_quantizer_state
 def leaked_quantizer_state(ctx: Context) -> Iterator[Hit]:
     ckpt = ctx.ckpt
     for fname, h in ckpt.headers().items():
-        for t in [t for t in h.names if "quantizer" in t]:  # the substring first, at C speed: 90k names
+        if "quantizer" not in h.joined:  # one scan of the shard's names at C speed (90k names)
+            continue
+        for t in [t for t in h.names if "quantizer" in t]:
             if is_quantizer_state(t):
                 weight = weight_of_amax(t)
                 msg = f"quantizer state {t} leaked into the weights"
