@@ -215,6 +215,16 @@ def test_mutated_headers_agree_with_safetensors(data):
     b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}\x00',
     b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":{"y":1}}}',       # extra key: allowed
     b'{"\\u0000duplicates":["a"]}',
+    # __metadata__ is cut from the front of the header when it comes first: a '}' inside a value,
+    # a nested object, metadata last, a space before the value, keys named like entry fields
+    b'{"__metadata__":{"format":"pt","note":"a}b"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"__metadata__":{"format":"pt","x":{"y":"}"}},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"format":"pt"}}',
+    b'{"__metadata__": {"format":"pt"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"__metadata__":{"format":"pt","shape":"[1]","dtype":"x"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    b'{"__metadata__":{"format":"pt"}}',
+    b'{"a\xff":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',                    # not UTF-8
+    b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32\xc3","shape":[1],"data_offsets":[4,8]}}',
 ], ids=lambda h: h[:40].decode("latin-1"))
 def test_specific_mutations_agree_with_safetensors(header):
     _agrees(struct.pack("<Q", len(header)) + header + b"\0" * 4)
