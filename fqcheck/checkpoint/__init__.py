@@ -8,7 +8,7 @@ import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -212,7 +212,8 @@ class Checkpoint:
         """A top-level JSON file of the checkpoint, parsed once per run (None when absent)."""
         if self._only is not None or name not in self.names:
             return None
-        return self.once(f"json:{name}", lambda: load_json(self.path(name), name))
+        values = self.safetensors_names if name == INDEX_NAME else None
+        return self.once(f"json:{name}", lambda: load_json(self.path(name), name, values))
 
 
 _CACHE_REPO = re.compile(r"(models|datasets|spaces)--.+")
@@ -248,7 +249,9 @@ def inside(path: str, bases: list[str]) -> bool:
     return any(path == b or path.startswith(b.rstrip(os.sep) + os.sep) for b in bases)
 
 
-def load_json(path: Path, name: str) -> JsonFile:
+def load_json(path: Path, name: str, shards: list[str] | None = None) -> JsonFile:
+    """Parse a JSON file; never raises. `shards`: for an index, the shard files at the top level,
+    which its weight_map values usually are."""
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)
@@ -256,6 +259,10 @@ def load_json(path: Path, name: str) -> JsonFile:
         return JsonFile(name, error=f"cannot read: {e.strerror or e}")
     if len(raw) > MAX_JSON_BYTES:
         return JsonFile(name, error=f"larger than {MAX_JSON_BYTES >> 20} MiB")
+    if shards:
+        data = _usual_index(raw, shards)
+        if data is not None:
+            return JsonFile(name, data=data)
     try:  # msgspec (1.5x json's speed on a 90k-entry index) accepts a subset of what json does
         return JsonFile(name, data=_MSGSPEC.decode(raw))
     except (msgspec.DecodeError, RecursionError):
@@ -266,6 +273,20 @@ def load_json(path: Path, name: str) -> JsonFile:
         return JsonFile(name, error=f"not UTF-8 (byte {e.start})")
     except (ValueError, RecursionError) as e:
         return JsonFile(name, error=f"invalid JSON: {str(e).splitlines()[0][:200]}")
+
+
+def _usual_index(raw: bytes, shards: list[str]) -> dict | None:
+    """The usual index (only weight_map and metadata, every value the name of a top-level shard),
+    decoded with the values typed as those names: each value is then one shared object, not one
+    string per tensor (~1/4 faster on a 90k-entry index, and the checks compare them by identity).
+    None for any other index: the generic decode then reads it as it is."""
+    index_type = msgspec.defstruct("Index", [("weight_map", dict[str, Literal[tuple(shards)]], msgspec.UNSET),
+                                             ("metadata", Any, msgspec.UNSET)], forbid_unknown_fields=True)
+    try:
+        obj = msgspec.json.decode(raw, type=index_type)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return {k: v for k in ("metadata", "weight_map") if (v := getattr(obj, k)) is not msgspec.UNSET}
 
 
 __all__ = ["Checkpoint", "CheckpointError", "JsonFile", "SafetensorsHeader", "TensorEntry",
