@@ -133,19 +133,19 @@ def _split_experts(ckpt: Checkpoint) -> tuple[list, list, str]:
 def _experts_agree(joined: str, cfg: dict) -> bool:
     """Whether the expert tensors (98 % of a DeepSeek-R1's names), each ending in a newline, agree: there
     are (declared experts) x (MoE layers) x (tensors the first stored expert has) of them, the MoE
-    layers being those that store expert 0. Two str.count scans, at C speed; when they do not agree
+    layers being those that store expert 0. Three str.count scans, at C speed; when they do not agree
     the experts are compared name by name. What this misses (an expert's shape, a tensor too many in
     one place and too few in another, a layer whose experts are all gone) --arch finds."""
     declared = next((cfg[k] for k in EXPERT_KEYS if _int(cfg, k)), None)
     m = _FIRST_EXPERT.match(joined[:joined.index("\n")])
     if declared is None or m is None:
         return False  # no declared count, or fused experts (experts.gate_up_proj): few names
-    own = re.findall(re.escape(m.group(1)) + r"(\S+)\n", joined)  # the first expert's tensors
-    layers = joined.count(f".experts.0.{own[0]}\n") if own else 0
-    return bool(own) and joined.count("\n") == declared * layers * len(own)
+    own = joined.count("\n" + m.group(1)) + 1  # the first expert's tensors (it starts the text)
+    layers = joined.count(f".experts.0.{m.group(2)}\n")
+    return joined.count("\n") == declared * layers * own
 
 
-_FIRST_EXPERT = re.compile(r"(.*\.experts\.\d+\.)\S+$")
+_FIRST_EXPERT = re.compile(r"(.*\.experts\.\d+\.)(\S+)$")
 
 
 @dataclass

@@ -103,20 +103,21 @@ class _Analysis:
         groups = [(s, k, ms) for s in MAINS for k, ms in T[s].items()]
         if packed:  # a packed main tensor wins over a stray `weight` (reported by the contract)
             groups = [(s, k, [m for m in ms if m not in packed] if s == "weight" else ms) for s, k, ms in groups]
-        evidence = [self.has(e) for e in F.EVIDENCE if T[e]]
         qsets: list[set[str]] = []
-        float_q: set[str] = set()
-        floats: list[str] = []
+        plain: list[tuple[bool, list[str]]] = []  # float `weight` groups: (2-D, modules)
         for s, k, ms in groups:
             if k[0] in F.QUANT_DTYPES or s != "weight":
                 qsets.append(set(ms))
-                continue
-            two_d = len(k[1]) == 2
-            for m in ms:
-                if any(m in e for e in evidence):
-                    float_q.add(m)
-                elif two_d:
-                    floats.append(m)
+            else:
+                plain.append((len(k[1]) == 2, ms))
+        # Float modules are few and the evidence lists long (a scale per quantized weight): the
+        # small set meets each list at C speed, with no lookup table built for the lists.
+        candidates = {m for _, ms in plain for m in ms}
+        float_q: set[str] = set()
+        for e in F.EVIDENCE:
+            for ms in T[e].values() if candidates else ():
+                float_q.update(candidates.intersection(ms))
+        floats = [m for two_d, ms in plain if two_d for m in ms if m not in float_q]
         return groups, qsets, float_q, floats
 
     def linears(self, r: Resolved) -> None:
