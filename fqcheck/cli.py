@@ -80,7 +80,7 @@ def _errors():
     from .catalog import CatalogError
     from .checkpoint import CheckpointError
     from .engine import CheckCrashed
-    from .fixer.runner import FixError, FixRefused
+    from .fixer.errors import FixError, FixRefused
     from .options import UsageError
     try:
         yield

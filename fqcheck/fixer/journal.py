@@ -10,20 +10,13 @@ from pathlib import Path
 
 from ..checkpoint import BACKUP_DIR
 from .durable import TMP_PREFIX, read_small, write_durable
+from .errors import FixError, StateError
 
 JOURNAL = "journal.json"
 LOCK = "lock"
 MANIFEST = "manifest.json"
 STATES = ("writing", "prepared", "done")
 LABELS = ("fix", "restore")
-
-
-class FixError(Exception):
-    """A fix could not be carried out; the directory was left (or put back) as it was."""
-
-
-class StateError(FixError):
-    """fqcheck's state in `.fqcheck/` is not what fqcheck writes: nothing was touched."""
 
 
 def plain_name(x) -> bool:

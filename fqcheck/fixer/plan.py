@@ -7,16 +7,9 @@ from dataclasses import dataclass, field
 from ..checkpoint import INDEX_NAME, Checkpoint
 from ..checkpoint import safetensors as st
 from . import edits as E
+from .errors import FixRefused
 from .index import build_index, dumps
 from .shard import planned_size, raw_metadata
-
-
-class FixRefused(Exception):
-    """The checkpoint has problems fix must not touch; nothing was changed."""
-
-    def __init__(self, message: str, findings=()):
-        super().__init__(message)
-        self.findings = list(findings)
 
 
 @dataclass
