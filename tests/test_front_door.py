@@ -178,3 +178,20 @@ def test_a_refused_fix_says_why_on_stderr(demo):
     assert lines[0].startswith("fqcheck: refusing to fix: 2 weight(s)")
     assert sum("format unknown" in line for line in lines) == 2 and "--quant-format" in lines[-1]
     assert {p.name: p.read_bytes() for p in demo.iterdir() if p.is_file()} == before
+
+
+def test_lint_command_loads_no_fixer_pydantic_or_torch(demo):
+    """What `fqcheck lint` imports is start-up time on every run: not the fixer (only its
+    exceptions), not pydantic (typer 0.29 imports it whenever a command runs: pinned below it),
+    not torch or transformers (a header-only lint)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys\nfrom fqcheck.cli import main\nsys.argv = ['fqcheck', 'lint', '-q', sys.argv[1]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "heavy = ('pydantic', 'fqcheck.fixer.runner', 'fqcheck.fixer.plan', 'torch', 'transformers')\n"
+            "print(code, sorted(m for m in heavy if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(fqcheck.__file__))
+    r = subprocess.run([sys.executable, "-c", code, str(demo)], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=root))
+    assert r.stdout.strip().splitlines()[-1] == "1 []", r.stdout + r.stderr
