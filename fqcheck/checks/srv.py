@@ -63,6 +63,13 @@ class _Analysis:
     def has(self, suffix: str):
         return self.index(suffix)[0].keys()
 
+    def among(self, suffix: str, mods: set[str]) -> set[str]:
+        """The modules of `mods` (usually few) storing `<module>.<suffix>`: the small set meets each
+        list at C speed, with no lookup table built for a long list (a scale per weight)."""
+        if suffix in self._index or not mods:
+            return mods & self.has(suffix)
+        return set().union(*(mods.intersection(ms) for ms in self.T[suffix].values()))
+
     def kind(self, suffix: str, m: str) -> Kind | None:
         d, kinds = self.index(suffix)
         return kinds[d[m]] if m in d else None
@@ -110,13 +117,9 @@ class _Analysis:
                 qsets.append(set(ms))
             else:
                 plain.append((len(k[1]) == 2, ms))
-        # Float modules are few and the evidence lists long (a scale per quantized weight): the
-        # small set meets each list at C speed, with no lookup table built for the lists.
+        # Float modules are few and the evidence lists long (a scale per quantized weight).
         candidates = {m for _, ms in plain for m in ms}
-        float_q: set[str] = set()
-        for e in F.EVIDENCE:
-            for ms in T[e].values() if candidates else ():
-                float_q.update(candidates.intersection(ms))
+        float_q = set().union(*(self.among(e, candidates) for e in F.EVIDENCE))
         floats = [m for two_d, ms in plain if two_d for m in ms if m not in float_q]
         return groups, qsets, float_q, floats
 
@@ -141,7 +144,7 @@ class _Analysis:
                          f"parameter named '{m}.{q}'", tensor=m, file=self.file_of(f"{m}.{self.main_of(m)}"))
         strays = {m for m in unq if m not in stored_q}
         for s in sorted(F.QUANT_SUFFIXES):
-            for m in sorted(self.has(s) & strays) if T[s] else ():
+            for m in sorted(self.among(s, strays)) if T[s] else ():
                 t = f"{m}.{s}"
                 self.add("SRV006", f"{r.family}: {t} on a module vLLM builds unquantized ({unq[m]}): "
                          + NO_PARAM.format(t=t), tensor=t, drop=True)
