@@ -364,7 +364,7 @@ def test_pytorch_model_bin_checked_by_its_state_dict_shapes(tmp_path_factory, tm
 
 def test_pytorch_model_bin_missing_tensor_and_fix_refusal_names_files(tmp_path_factory, tmp_path):
     import fqcheck
-    from fqcheck.fixer.plan import FixRefused
+    from fqcheck.fixer.errors import FixRefused
     name = "model.layers.1.mlp.up_proj.weight"
     d = _bin_checkpoint(tmp_path_factory, tmp_path, drop=name)
     assert found(arc(d)) == [("ARC002", "config.json", name)]

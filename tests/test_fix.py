@@ -15,8 +15,9 @@ from fqcheck.checkpoint import BACKUP_DIR, Checkpoint
 from fqcheck.engine import Finding
 from fqcheck.fixer import edits as E
 from fqcheck.fixer import shard as shardmod
-from fqcheck.fixer.journal import FixError
-from fqcheck.fixer.plan import FixRefused, make_plan
+from fqcheck.fixer.errors import FixError
+from fqcheck.fixer.errors import FixRefused
+from fqcheck.fixer.plan import make_plan
 from fqcheck.api import fix
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("accelerate", reason="accelerate offloads the layer the pre-
 import mobuild as mb  # noqa: E402
 from builders import load_shard, save_shard  # noqa: E402
 from fqcheck.api import lint  # noqa: E402
-from fqcheck.fixer.plan import FixRefused  # noqa: E402
+from fqcheck.fixer.errors import FixRefused  # noqa: E402
 import fqcheck  # noqa: E402
 from fqcheck.quant.formats import QuantSpec, fold  # noqa: E402
 

@@ -43,16 +43,18 @@ def _read(data: bytes) -> SafetensorsHeader:
         slow = SafetensorsHeader(h.path, h.file_size, h.data_start)
         sft._parse_slow(slow, data[8:h.data_start].decode("utf-8"))
         assert slow == h
-        skip = [i % 2 == 1 for i in range(len(h.names))]  # the columns' counts, as the entries say
-        for mask in (None, skip):
-            assert h.dtype_bytes(mask) == slow.dtype_bytes(mask) == _dtype_bytes(h, mask)
+        # the columns' counts, as the entries say: every dtype or some, every name or not those
+        # ending in a suffix
+        for dtypes in (None, {"F32", "BF16", "U8"}):
+            for skip in ((), ("a", "_scale")):
+                assert h.dtype_bytes(dtypes, skip) == slow.dtype_bytes(dtypes, skip) == _dtype_bytes(h, dtypes, skip)
     return h
 
 
-def _dtype_bytes(h: SafetensorsHeader, skip) -> dict:
+def _dtype_bytes(h: SafetensorsHeader, dtypes, skip) -> dict:
     out: dict = {}
-    for i, e in enumerate(h.tensors.values()):
-        if not (skip and skip[i]):
+    for e in h.tensors.values():
+        if (dtypes is None or e.dtype in dtypes) and not (skip and e.name.endswith(skip)):
             out[e.dtype] = out.get(e.dtype, 0) + e.nbytes
     return out
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from functools import cached_property
 from itertools import accumulate, chain, compress, count, repeat
 from math import prod
-from operator import attrgetter, itemgetter, not_, sub
+from operator import attrgetter, itemgetter, sub
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -104,24 +104,31 @@ class SafetensorsHeader:
         kinds, ids, _ = self._columns
         return list(map([k[1] for k in kinds].__getitem__, ids))
 
-    def dtype_bytes(self, skip: Iterable[bool] | None = None) -> dict[str, int]:
-        """Bytes of data per dtype (each dtype with an entry counted), from the entries' byte ranges,
-        leaving out the entries `skip` marks (one bool per name, in `names` order). At C speed on
-        the columns (the count of each kind times its size), without building the entries."""
+    def dtype_bytes(self, dtypes: Iterable[str] | None = None, skip_suffixes: tuple[str, ...] = ()) -> dict[str, int]:
+        """Bytes of data per dtype (each dtype with an entry counted; only `dtypes` when given), from
+        the entries' byte ranges, leaving out the names that end in one of `skip_suffixes`. At C
+        speed on the columns (the count of each kind times its size), without building the entries;
+        only the names of counted kinds are tested against the suffixes."""
         out: dict[str, int] = {}
         if self._columns is None:
-            entries = self.tensors.values()
-            for e in compress(entries, map(not_, skip)) if skip is not None else entries:
-                out[e.dtype] = out.get(e.dtype, 0) + e.end - e.begin
+            for e in self.tensors.values():
+                if (dtypes is None or e.dtype in dtypes) and not e.name.endswith(skip_suffixes):
+                    out[e.dtype] = out.get(e.dtype, 0) + e.end - e.begin
             return out
         kinds, ids, _ = self._columns
-        if type(ids) is list:
-            counts = Counter(ids)
-            skipped = Counter(compress(ids, skip)) if skip is not None else {}
-        else:  # bytes: few kinds, each counted by one bytes.count
-            counts = {i: ids.count(i) for i in range(len(kinds))}
-            dropped = bytes(compress(ids, skip)) if skip is not None else b""
-            skipped = {i: dropped.count(i) for i in set(dropped)}
+        wanted = [dtypes is None or k[0] in dtypes for k in kinds]
+        if type(ids) is not list:  # bytes: few kinds, each counted by one bytes.count
+            ids = bytes(ids)
+            counts = {i: ids.count(i) for i, w in enumerate(wanted) if w}
+        else:
+            counts = {i: n for i, n in Counter(ids).items() if wanted[i]}
+        skipped: dict[int, int] = {}
+        if skip_suffixes and counts:
+            names, kind_ids = self.names, ids
+            if len(counts) < len(kinds):  # the names of counted kinds only
+                mask = list(map(wanted.__getitem__, ids))
+                names, kind_ids = compress(names, mask), compress(ids, mask)
+            skipped = Counter(compress(kind_ids, map(str.endswith, names, repeat(skip_suffixes))))
         for i, n in counts.items():
             n -= skipped.get(i, 0)
             if n:

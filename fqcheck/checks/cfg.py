@@ -1,7 +1,6 @@
 """CFG: config.json, as transformers and vLLM read it. Nothing named in it is imported or run."""
 from __future__ import annotations
 
-from itertools import repeat
 from typing import Iterator
 
 from ..catalog import schema_path
@@ -91,10 +90,8 @@ def dtype_mismatch(ctx: Context) -> Iterator[Hit]:
         return  # absent, "auto", or not a weight dtype
     counts = dict.fromkeys(WEIGHT_DTYPES, 0)  # elements per dtype (from byte ranges: no shape walk)
     for h in ckpt.headers().values():
-        scales = map(str.endswith, h.names, repeat(SCALE_SUFFIXES))  # ~90k names on big models: C speed
-        for dtype, nbytes in h.dtype_bytes(skip=scales).items():
-            if dtype in counts:
-                counts[dtype] += nbytes // WEIGHT_DTYPES[dtype]
+        for dtype, nbytes in h.dtype_bytes(WEIGHT_DTYPES, SCALE_SUFFIXES).items():
+            counts[dtype] += nbytes // WEIGHT_DTYPES[dtype]
     total = sum(counts.values())
     if not total:
         return

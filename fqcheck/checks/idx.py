@@ -15,8 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import islice, repeat
-from operator import eq
+from itertools import islice
 from typing import Iterator
 
 from ..catalog import schema_path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..checkpoint import BACKUP_DIR
 from .durable import TMP_PREFIX, read_small, write_durable
-from .errors import FixError, StateError
+from .errors import StateError
 
 JOURNAL = "journal.json"
 LOCK = "lock"

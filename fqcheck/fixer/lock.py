@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..checkpoint import BACKUP_DIR
 from .durable import create_new, read_small, write_all
-from .journal import LOCK, FixError, state_dir
+from .errors import FixError
+from .journal import LOCK, state_dir
 
 
 def _start_time(pid: int) -> str | None:

@@ -7,7 +7,8 @@ import stat
 from pathlib import Path
 
 from ..checkpoint import BACKUP_DIR
-from .journal import MANIFEST, FixError, load_journal, load_manifest, plain_name, real_subdir
+from .errors import FixError
+from .journal import MANIFEST, load_journal, load_manifest, plain_name, real_subdir
 from .lock import Lock
 from .recovery import recover
 from .transaction import Transaction

@@ -12,11 +12,12 @@ from typing import Iterable
 from ..checkpoint import BACKUP_DIR, Checkpoint, CheckpointError
 from ..options import Options
 from .durable import create_new, fsync_dir, write_all
-from .journal import FixError
+from .errors import FixError
 from .lock import Lock
 from .recovery import pending, recover
 from .transaction import Transaction
-from .plan import FixRefused, Plan, make_plan
+from .errors import FixRefused
+from .plan import Plan, make_plan
 from .shard import write_shard
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from ..checkpoint import BACKUP_DIR
 from .durable import TMP_PREFIX, create_new, fsync_dir, link_temp, move, temp_name, write_all, write_durable
 from .fault import fault
-from .journal import MANIFEST, FixError, StateError, drop_journal, real_subdir, write_journal
+from .errors import FixError, StateError
+from .journal import MANIFEST, drop_journal, real_subdir, write_journal
 
 
 def _stamp(root: Path, parent: str) -> str:
