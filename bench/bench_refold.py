@@ -1,15 +1,18 @@
 """Re-fold on one GPU, every format, against limits measured in the same run; exits 1 on a missed budget.
 
+Every figure is the median over --rounds rounds, and each round times the limit and every format
+one after another, so a ratio compares timings taken seconds apart on the same machine.
 Kernel: GB/s of bf16 weight through `staging.fold_on_device` (what fold_fast runs on a piece already
 on the GPU: one Triton pass) and through formats.py's torch ops (the reference), against a bf16
 clone of the same weights (budget: >= 25 % of the clone for FP8/INT8, >= 10 % for the block formats).
+The quantizer specs hold their amax as float32 CPU tensors, as fqcheck's resolver hands them over.
 Bit identity: fold_on_device == formats.quantize(...).to(dtype) on the GPU, random and edge weights,
 bf16/fp16/fp32. Memory: peak GPU memory beyond input and output, per input byte (budget <= 2).
 End to end: `fold_fast(w_cpu, spec, "cuda:0")` from pageable CPU tensors (as the mmap reader hands
 them over) into page-locked output, against the pinned-copy limit: the same bytes copied pinned
 host -> GPU and GPU -> host at once on two streams (budget >= 60 %); formats.fold shown beside it.
 
-    python3 bench/bench_refold.py [--rows 8192 --cols 8192 --count 4] [--out result.json]
+    python3 bench/bench_refold.py [--rows 8192 --cols 8192 --count 4 --rounds 7] [--out result.json]
     python3 bench/bench_refold.py --cpu [--rows 4096 --cols 4096 --count 1]   (no GPU: fold_fast vs formats.fold
                                          on the CPU, bit identity checked; exits 1 on a difference)
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +38,7 @@ BUDGET = {"kernel_elementwise": 0.25, "kernel_block": 0.10, "memory": 2.0, "e2e"
 
 
 def specs(w: torch.Tensor) -> dict:
-    x = w.float()
+    x = w.float().cpu()
     return {"fp8": QuantSpec("fp8", x.abs().amax()), "fp8_axis": QuantSpec("fp8", x.abs().amax(1, keepdim=True)),
             "int8": QuantSpec("int", x.abs().amax(), 8, False, False),
             "int8_axis": QuantSpec("int", x.abs().amax(1, keepdim=True), 8, False, True),
@@ -43,33 +47,37 @@ def specs(w: torch.Tensor) -> dict:
             "mxfp8": QuantSpec("mxfp8", None, block_size=32), "mxfp4": QuantSpec("mxfp4", None, block_size=32)}
 
 
-def gpu_gbs(fn, weights, reps=3) -> float:
-    for w in weights[:2]:
+def gpu_seconds(fn, weights) -> float:
+    """GPU time of fn over every weight, once (CUDA events around the launches)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for w in weights:
+        fn(w)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def wall_seconds(fn, weights) -> float:
+    """Wall time of fn over every weight, once, until the GPU is done."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for w in weights:
         fn(w)
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(reps):
-        start.record()
-        for w in weights:
-            fn(w)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return sum(w.numel() * w.element_size() for w in weights) / best / 1e9
+    return time.perf_counter() - t0
 
 
-def wall_gbs(fn, weights, reps=3) -> float:
-    fn(weights[0])
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for w in weights:
-            fn(w)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return sum(w.numel() * w.element_size() for w in weights) / best / 1e9
+def rounds(timers: dict, n: int) -> dict:
+    """name -> the n times of timers[name](), the timers run one after another in each round (the
+    first round, warming up, is dropped)."""
+    times = {k: [] for k in timers}
+    for r in range(n + 1):
+        for k, t in timers.items():
+            v = t()
+            if r:
+                times[k].append(v)
+    return times
 
 
 def extra_memory(fn, w) -> float:
@@ -101,14 +109,15 @@ def identity(dev) -> dict:
     return bad
 
 
-def pinned_limit(cpu_w, dev) -> float:
-    """Round trip limit: every byte copied pinned host -> GPU and GPU -> host, both at once."""
+def pinned_roundtrip(cpu_w, dev):
+    """A timer of the round-trip limit: every byte copied pinned host -> GPU and GPU -> host, both
+    at once on two streams."""
     host = [w.pin_memory() for w in cpu_w]
     back = [torch.empty_like(w).pin_memory() for w in cpu_w]
     on_gpu = [w.to(dev) for w in cpu_w]
     s_in, s_out = torch.cuda.Stream(), torch.cuda.Stream()
-    best = float("inf")
-    for _ in range(3):
+
+    def once():
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for h, b, g in zip(host, back, on_gpu):
@@ -117,8 +126,12 @@ def pinned_limit(cpu_w, dev) -> float:
             with torch.cuda.stream(s_out):
                 b.copy_(g, non_blocking=True)
         torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return sum(w.numel() * w.element_size() for w in cpu_w) / best / 1e9
+        return time.perf_counter() - t0
+    return once
+
+
+def median(v) -> float:
+    return statistics.median(v)
 
 
 def cpu_main(args) -> None:
@@ -151,13 +164,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--cols", type=int, default=8192)
     ap.add_argument("--count", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=7, help="rounds; figures are their medians")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--e2e-only", action="store_true", help="only the host -> GPU -> host figures")
     ap.add_argument("--piece-mb", type=int, default=staging.PIECE_BYTES >> 20, help="staged piece size")
     ap.add_argument("--slots", type=int, default=staging.SLOTS, help="pieces in flight")
+    ap.add_argument("--host-threads", type=int, default=staging.HOST_THREADS, help="threads copying into pinned slots")
     ap.add_argument("--out")
     args = ap.parse_args()
-    staging.PIECE_BYTES, staging.SLOTS = args.piece_mb << 20, args.slots
+    staging.PIECE_BYTES, staging.SLOTS, staging.HOST_THREADS = args.piece_mb << 20, args.slots, args.host_threads
     if args.cpu:
         return cpu_main(args)
     if not torch.cuda.is_available():
@@ -173,33 +188,46 @@ def main() -> None:
            "weights": f"{args.count} x bf16[{args.rows}x{args.cols}]",
            "pieces": f"{args.piece_mb} MB x {args.slots} slots",
            "identity_differing": {} if args.e2e_only else identity(dev)}
-    clone = gpu_gbs(lambda w: w.clone(), gpu_w)
+    nbytes = sum(w.numel() * w.element_size() for w in gpu_w)
+    timers = {"clone": lambda: gpu_seconds(lambda w: w.clone(), gpu_w)}
+    for name, spec in ({} if args.e2e_only else sp).items():
+        timers[name] = lambda s=spec: gpu_seconds(lambda w: staging.fold_on_device(w, s), gpu_w)
+    t = rounds(timers, args.rounds)
+    clone = nbytes / median(t["clone"]) / 1e9
     res["clone_GBps"] = clone
     res["kernel"] = {}
     for name, spec in ({} if args.e2e_only else sp).items():
-        fast = gpu_gbs(lambda w, s=spec: staging.fold_on_device(w, s), gpu_w)
-        ref = gpu_gbs(lambda w, s=spec: quantize(w.float(), s).to(torch.bfloat16), gpu_w)
-        res["kernel"][name] = {"fast_GBps": fast, "formats_GBps": ref, "fast_vs_clone": fast / clone,
+        ratios = [c / f for c, f in zip(t["clone"], t[name])]
+        ref = rounds({"r": lambda s=spec: gpu_seconds(lambda w: quantize(w.float(), s).to(torch.bfloat16), gpu_w)}, 2)["r"]
+        res["kernel"][name] = {"fast_GBps": nbytes / median(t[name]) / 1e9, "formats_GBps": nbytes / median(ref) / 1e9,
+                               "fast_vs_clone": median(ratios), "fast_vs_clone_min_max": [min(ratios), max(ratios)],
                                "extra_mem_per_byte": extra_memory(lambda w, s=spec: staging.fold_on_device(w, s), gpu_w[0]),
                                "formats_extra_mem_per_byte": extra_memory(
                                    lambda w, s=spec: quantize(w.float(), s).to(torch.bfloat16), gpu_w[0])}
     cpu_w = [w.cpu() for w in gpu_w]
-    del gpu_w
+    gpu_w.clear()
     torch.cuda.empty_cache()
-    limit = pinned_limit(cpu_w, dev)
-    res["pinned_roundtrip_limit_GBps"] = limit
     staged = torch.empty(cpu_w[0].shape, dtype=cpu_w[0].dtype, pin_memory=True)
-    res["host_copy_to_pinned_GBps"] = wall_gbs(lambda w: staged.copy_(w), cpu_w)
-    res["e2e"] = {}
     one = torch.device("cuda", 0)
-    for name in ("fp8", "int8_axis", "nvfp4", "mxfp4"):
-        spec = specs(cpu_w[0])[name]
-        fast = wall_gbs(lambda w, s=spec: fold_fast(w, s, one), cpu_w)
-        old = wall_gbs(lambda w, s=spec: fold(w, s, one), cpu_w, reps=1)
-        res["e2e"][name] = {"fold_fast_GBps": fast, "formats_fold_GBps": old, "vs_limit": fast / limit}
+    e2e = ("fp8", "int8_axis", "nvfp4", "mxfp4")
+    cpu_specs = specs(cpu_w[0])
+    timers = {"limit": pinned_roundtrip(cpu_w, dev), "host_copy": lambda: wall_seconds(lambda w: staged.copy_(w), cpu_w)}
+    for name in e2e:
+        timers[name] = lambda s=cpu_specs[name]: wall_seconds(lambda w: fold_fast(w, s, one), cpu_w)
+    t = rounds(timers, args.rounds)
+    limit = nbytes / median(t["limit"]) / 1e9
+    res["pinned_roundtrip_limit_GBps"] = limit
+    res["host_copy_to_pinned_GBps"] = nbytes / median(t["host_copy"]) / 1e9
+    res["e2e"] = {}
+    for name in e2e:
+        ratios = [lim / f for lim, f in zip(t["limit"], t[name])]
+        old = rounds({"r": lambda s=cpu_specs[name]: wall_seconds(lambda w: fold(w, s, one), cpu_w)}, 1)["r"]
+        res["e2e"][name] = {"fold_fast_GBps": nbytes / median(t[name]) / 1e9, "formats_fold_GBps": nbytes / median(old) / 1e9,
+                            "vs_limit": median(ratios), "vs_limit_min_max": [min(ratios), max(ratios)]}
 
     missed = [f"identity {k}: {n} differ" for k, n in res["identity_differing"].items() if n]
-    rows = [f"{'format':11s} {'fast GB/s':>10s} {'formats':>8s} {'vs clone':>9s} {'mem/B':>6s} {'formats mem/B':>13s}"]
+    rows = [f"medians of {args.rounds} rounds; vs clone / vs limit: median of the per-round ratios (min-max)",
+            f"{'format':11s} {'fast GB/s':>10s} {'formats':>8s} {'vs clone':>9s} {'(min-max)':>13s} {'mem/B':>6s} {'formats mem/B':>13s}"]
     for name, r in res["kernel"].items():
         need = BUDGET["kernel_elementwise" if name in ELEMENTWISE else "kernel_block"]
         flag = "" if r["fast_vs_clone"] >= need else f"  MISSED >= {need:.0%}"
@@ -207,15 +235,18 @@ def main() -> None:
             flag += f"  MISSED memory <= {BUDGET['memory']}x"
         if flag:
             missed.append(f"kernel {name}:{flag}")
-        rows.append(f"{name:11s} {r['fast_GBps']:10.0f} {r['formats_GBps']:8.0f} {r['fast_vs_clone']:9.1%} "
+        lo, hi = r["fast_vs_clone_min_max"]
+        rows.append(f"{name:11s} {r['fast_GBps']:10.0f} {r['formats_GBps']:8.0f} {r['fast_vs_clone']:9.1%} {lo:6.1%}-{hi:6.1%} "
                     f"{r['extra_mem_per_byte']:6.2f} {r['formats_extra_mem_per_byte']:13.2f}{flag}")
     rows.append(f"bf16 clone: {clone:.0f} GB/s; pinned host->GPU->host limit (both ways at once): {limit:.1f} GB/s; "
-                f"host copy pageable -> pinned {res['host_copy_to_pinned_GBps']:.1f} GB/s; pieces {res['pieces']}")
+                f"host copy pageable -> pinned (torch copy_) {res['host_copy_to_pinned_GBps']:.1f} GB/s; pieces {res['pieces']}, "
+                f"{staging.HOST_THREADS} host copy threads")
     for name, r in res["e2e"].items():
         flag = "" if r["vs_limit"] >= BUDGET["e2e"] else f"  MISSED >= {BUDGET['e2e']:.0%}"
         if flag:
             missed.append(f"e2e {name}:{flag}")
-        rows.append(f"e2e {name:9s} fold_fast {r['fold_fast_GBps']:6.1f} GB/s ({r['vs_limit']:.0%} of the limit); "
+        lo, hi = r["vs_limit_min_max"]
+        rows.append(f"e2e {name:9s} fold_fast {r['fold_fast_GBps']:6.1f} GB/s ({r['vs_limit']:.1%} of the limit, {lo:.1%}-{hi:.1%}); "
                     f"formats.fold {r['formats_fold_GBps']:6.1f} GB/s{flag}")
     rows.append("identity (elements differing from formats on the GPU): "
                 + ", ".join(f"{k} {n}" for k, n in res["identity_differing"].items()))

@@ -97,6 +97,63 @@ def test_cuda_fold_fast_is_formats_fold_bit_for_bit(dtype, triton, monkeypatch):
         assert staging._folds() is not None, "Triton did not load on the GPU machine"
 
 
+def _more_specs(w):
+    """Layouts the kernels take other paths for: a flat per-row amax (scales computed in the
+    kernel), static blocks of 64 (whole blocks: one amax load per block; else a partial last
+    block), a zero per-tensor amax, an unsigned per-row INT4."""
+    x = w.float()
+    pad = (-x.shape[-1]) % 64
+    blocks = torch.nn.functional.pad(x, (0, pad)).reshape(-1, 64).abs().amax(1)
+    return [QuantSpec("fp8", x.abs().amax(1)), QuantSpec("int", x.abs().amax(1), 8, False, False),
+            QuantSpec("int", blocks, 8, False, True, 64), QuantSpec("int", torch.tensor(0.0), 8, False, True),
+            QuantSpec("fp8", torch.tensor(0.0)), QuantSpec("int", x.abs().amax(1, keepdim=True), 4, True, False)]
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_kernel_paths_and_host_threads_are_formats_fold(dtype, monkeypatch):
+    from fqcheck.quant import staging
+    monkeypatch.setattr(staging, "_triton", {})
+    for piece, slots, threads in ((64 << 10, 2, 1), (48 << 10, 4, 3)):  # pieces smaller than a host thread's share
+        monkeypatch.setattr(staging, "PIECE_BYTES", piece)
+        monkeypatch.setattr(staging, "SLOTS", slots)
+        monkeypatch.setattr(staging, "HOST_THREADS", threads)
+        for seed, shape in enumerate(((300, 256), (64, 136), (1000, 192), (4200, 128))):  # 8400 block amax
+            w = _weight(shape, dtype, seed)
+            for spec in _more_specs(w):
+                want = fold(w, spec, "cuda")
+                _same(fold_fast(w, spec, "cuda"), want, f"{dtype} {shape} {spec.name}")
+                on_gpu = staging.fold_on_device(w.cuda(), spec)  # the weight already on the GPU
+                _same(on_gpu.cpu(), want, f"{dtype} {shape} {spec.name} on device")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_fold_fast_reads_a_read_only_mapped_source(tmp_path):
+    """The fix writer hands fold_fast a view of a read-only mapping: the host threads read it."""
+    import mmap
+    w = _weight((2048, 1024), torch.bfloat16, 3)
+    (tmp_path / "w.bin").write_bytes(b"\0" * 6 + w.view(torch.uint8).numpy().tobytes())  # misaligned start
+    with open(tmp_path / "w.bin", "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    with pytest.warns(UserWarning):  # torch: a buffer it may not write
+        mapped = torch.frombuffer(mm, dtype=torch.uint8)[6:].view(torch.bfloat16).reshape(w.shape)
+    for spec in (QuantSpec("fp8", w.float().abs().amax(1, keepdim=True)), QuantSpec("mxfp4", None, block_size=32)):
+        _same(fold_fast(mapped, spec, "cuda"), fold(w, spec, "cpu"), spec.name)
+
+
+def test_piece_rows_cover_the_weight_with_a_ramp_at_both_ends():
+    from fqcheck.quant.staging import piece_rows
+    for rows, row_bytes, piece, ramp in ((8192, 16384, 32 << 20, 3), (1000, 192, 64 << 10, 3), (7, 10, 10, 2),
+                                         (100, 16384, 32 << 20, 3), (4096, 16384, 32 << 20, 0)):
+        b = piece_rows(rows, row_bytes, piece, ramp)
+        assert b[0][0] == 0 and b[-1][1] == rows and all(p[1] == q[0] for p, q in zip(b, b[1:]))
+        assert all(0 < (r1 - r0) * row_bytes <= max(piece, row_bytes) for r0, r1 in b)
+    sizes = [r1 - r0 for r0, r1 in piece_rows(8192, 16384, 32 << 20, 3)]
+    assert sizes[:3] == [256, 512, 1024] and sizes[-3:] == [1024, 512, 256] and max(sizes) <= 2048
+
+
 @pytest.mark.cuda
 @cuda
 def test_cuda_fold_fast_result_is_page_locked_and_input_untouched():

@@ -155,27 +155,37 @@ def row_specs(w: torch.Tensor, spec: QuantSpec, elems: int):
     """[(r0, r1, spec for rows r0:r1)] covering a 2-D weight in chunks of about `elems` elements, or
     None when the layout does not split by rows (then the caller folds the whole tensor with
     formats.fold, which also raises its errors)."""
-    if w.dim() != 2 or not w.numel():
+    part = row_part(w, spec)
+    if part is None:
         return None
     rows = w.shape[0]
     step = max(1, elems // w.shape[1])
+    return [(r0, min(r0 + step, rows), part(r0, min(r0 + step, rows))) for r0 in range(0, rows, step)]
+
+
+def row_part(w: torch.Tensor, spec: QuantSpec):
+    """part(r0, r1) -> the spec that folds rows r0:r1 of a 2-D weight as formats folds the whole
+    (its per-channel or per-block amax sliced with the rows), or None when the layout does not
+    split by rows."""
+    if w.dim() != 2 or not w.numel():
+        return None
+    rows = w.shape[0]
     amax = spec.amax
     if amax is None or amax.numel() == 1 or spec.fmt == "nvfp4":  # nvfp4: one global amax, reduced
-        part = lambda r0, r1: spec  # noqa: E731
-    elif spec.fmt == "int" and spec.block_size:
+        return lambda r0, r1: spec
+    if spec.fmt == "int" and spec.block_size:
         per_row = -(-w.shape[1] // spec.block_size)
         if amax.numel() != rows * per_row:
             return None
         a = amax.reshape(rows, per_row)
-        part = lambda r0, r1: dataclasses.replace(spec, amax=a[r0:r1].reshape(-1, 1))  # noqa: E731
-    else:
-        try:
-            a = _broadcast_amax(amax.to(torch.float32).cpu(), w)
-        except ValueError:
-            return None
-        if a.dim() != 2 or a.shape[1] not in (1, w.shape[1]) or a.shape[0] not in (1, rows):
-            return None
-        # keep 2-D (keepdim) so a chunk whose row count equals the column count cannot re-pick the axis
-        part = (lambda r0, r1: dataclasses.replace(spec, amax=a[r0:r1])) if a.shape[0] == rows > 1 \
-            else (lambda r0, r1: dataclasses.replace(spec, amax=a))
-    return [(r0, min(r0 + step, rows), part(r0, min(r0 + step, rows))) for r0 in range(0, rows, step)]
+        return lambda r0, r1: dataclasses.replace(spec, amax=a[r0:r1].reshape(-1, 1))
+    try:
+        a = _broadcast_amax(amax.to(torch.float32).cpu(), w)
+    except ValueError:
+        return None
+    if a.dim() != 2 or a.shape[1] not in (1, w.shape[1]) or a.shape[0] not in (1, rows):
+        return None
+    # keep 2-D (keepdim) so a chunk whose row count equals the column count cannot re-pick the axis
+    if a.shape[0] == rows > 1:
+        return lambda r0, r1: dataclasses.replace(spec, amax=a[r0:r1])
+    return lambda r0, r1: dataclasses.replace(spec, amax=a)

@@ -32,20 +32,53 @@ def _clamp_max(v, hi):
 
 
 @triton.jit
-def _scaled_kernel(x_ptr, out_ptr, s_ptr, d_ptr, cols, per_row, lo, hi,
+def _fp8_scales(a):
+    """formats.fake_fp8_e4m3's scale and inverse scale from a float32 amax: safe = 1 where
+    amax <= 2**-24, s = 448 / safe, d = 1 / s, both IEEE divisions as torch's on the CPU."""
+    safe = tl.where(a <= 5.9604644775390625e-08, 1.0, a)
+    s = libdevice.div_rn(tl.zeros_like(safe) + 448.0, safe)
+    return s, libdevice.div_rn(tl.zeros_like(s) + 1.0, s)
+
+
+@triton.jit
+def _int_scales(a, max_bound):
+    """formats.fake_int's multiplier and divisor from a float32 amax: scale = max_bound / amax
+    (IEEE), replaced by 0 (multiplier) and 1 (divisor) where amax <= 2**-24."""
+    scale = libdevice.div_rn(tl.zeros_like(a) + max_bound, a)
+    zero = a <= 5.9604644775390625e-08
+    return tl.where(zero, 0.0, scale), tl.where(zero, 1.0, scale)
+
+
+@triton.jit
+def _apply(x, s, d, lo, hi, FP8: tl.constexpr):
+    """The elementwise part of formats.fake_fp8_e4m3 / fake_int with its scales s and d."""
+    if FP8:
+        y = _clamp(x * s, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * d
+    else:
+        y = libdevice.div_rn(_clamp(libdevice.rint(x * s), lo, hi), d)
+    return y
+
+
+@triton.jit
+def _scaled_kernel(x_ptr, out_ptr, a_ptr, s_ptr, d_ptr, s0, d0, cols, per_row, lo, hi,
                    FP8: tl.constexpr, SCALE: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
-    """FP8 / INT with one scale per tensor (SCALE 0), per row (1), per column (2) or per static
-    block of GROUP columns (3). s: the multiplier, d: FP8's inverse scale or INT's divisor."""
+    """FP8 / INT over (row, BLOCK columns) programs, with one scale per tensor (SCALE 0: s0, d0
+    computed on the host), per row (1: from the row's amax, here), per column (2) or per static
+    block of GROUP columns (3) (s and d arrays: the multiplier and FP8's inverse scale or INT's
+    divisor, computed on the host)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < cols
     x = tl.load(x_ptr + row * cols + c, mask=m, other=0.0).to(tl.float32)
-    if SCALE == 0:  # one scale: loaded once per program
-        s = tl.load(s_ptr)
-        d = tl.load(d_ptr)
-    elif SCALE == 1:
-        s = tl.load(s_ptr + row)
-        d = tl.load(d_ptr + row)
+    if SCALE == 0:
+        s = s0
+        d = d0
+    elif SCALE == 1:  # one amax per program: its two divisions cost nothing per element
+        a = tl.load(a_ptr + row)
+        if FP8:
+            s, d = _fp8_scales(a)
+        else:
+            s, d = _int_scales(a, hi)
     elif SCALE == 2:
         s = tl.load(s_ptr + c, mask=m, other=1.0)
         d = tl.load(d_ptr + c, mask=m, other=1.0)
@@ -53,11 +86,26 @@ def _scaled_kernel(x_ptr, out_ptr, s_ptr, d_ptr, cols, per_row, lo, hi,
         k = row * per_row + c // GROUP
         s = tl.load(s_ptr + k, mask=m, other=1.0)
         d = tl.load(d_ptr + k, mask=m, other=1.0)
+    tl.store(out_ptr + row * cols + c, _apply(x, s, d, lo, hi, FP8).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _static_block_kernel(x_ptr, out_ptr, a_ptr, nblocks, lo, hi,
+                         FP8: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr):
+    """INT (or FP8) with one amax per static block of BS contiguous elements (the last dim a
+    multiple of BS, so block b is elements b*BS.. and amax b), TB blocks per program: the scales
+    are computed here, once per block."""
+    b = tl.program_id(0).to(tl.int64) * TB + tl.arange(0, TB)
+    mb = b < nblocks
+    offs = b[:, None] * BS + tl.arange(0, BS)[None, :]
+    x = tl.load(x_ptr + offs, mask=mb[:, None], other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + b, mask=mb, other=1.0)
     if FP8:
-        y = _clamp(x * s, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * d
+        s, d = _fp8_scales(a)
     else:
-        y = libdevice.div_rn(_clamp(libdevice.rint(x * s), lo, hi), d)
-    tl.store(out_ptr + row * cols + c, y.to(out_ptr.dtype.element_ty), mask=m)
+        s, d = _int_scales(a, hi)
+    y = _apply(x, s[:, None], d[:, None], lo, hi, FP8)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mb[:, None])
 
 
 @triton.jit
@@ -113,55 +161,76 @@ def _f32(v) -> torch.Tensor:
     return torch.as_tensor(v, dtype=torch.float32)
 
 
-def _on_device(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """float32 amax where its scales are best computed: a few values stay on the host (no kernel
-    launches for them), block amax go to x's GPU through page-locked memory (no host pass)."""
-    a = a.to(torch.float32)
-    if a.numel() <= 4096:
-        return a.cpu()
-    if a.device.type == "cpu":
-        a = a.pin_memory()
-    return a.to(x.device, non_blocking=True)
-
-
-def _scales(spec: QuantSpec, x: torch.Tensor):
-    """(mode, s, d, lo, hi, per_row, group) as formats computes them, or None, on x's GPU: the same
-    float32 IEEE divisions and comparisons as formats' on the CPU, done where _on_device put the
-    amax (each operand a tensor, so no division becomes a multiplication by a reciprocal)."""
-    rows, cols = x.shape
-    if spec.fmt == "int" and spec.block_size:
-        per_row = -(-cols // spec.block_size)
-        if spec.amax.numel() != rows * per_row:
-            return None
-        a, mode = _on_device(spec.amax, x).reshape(-1), 3
-    else:
-        try:
-            a = _broadcast_amax(spec.amax.to(torch.float32).cpu(), x)
-        except ValueError:
-            return None
-        per_row = 0
-        if a.numel() == 1:
-            mode = 0
-        elif a.dim() == 2 and a.shape == (rows, 1):
-            mode = 1
-        elif a.dim() == 2 and a.shape == (1, cols):
-            mode = 2
-        else:
-            return None
-        a = _on_device(a.reshape(-1), x)
-    if spec.fmt == "fp8":  # formats.fake_fp8_e4m3, variant 0
+def _host_scales(fp8: bool, a: torch.Tensor, max_bound: float):
+    """(s, d) from a float32 CPU amax with formats' own torch ops (fake_fp8_e4m3, fake_int)."""
+    if fp8:
         safe = torch.where(a <= EPS, torch.ones_like(a), a)
         s = torch.full_like(safe, E4M3_MAX) / safe
-        return mode, s.to(x.device, non_blocking=True), (torch.ones_like(s) / s).to(x.device, non_blocking=True), 0.0, 0.0, per_row, spec.block_size or 1
-    if bool((a < 0).any()):
-        return None  # formats raises: let it
-    max_bound = float(2.0 ** (spec.num_bits - 1 + int(spec.unsigned)) - 1.0)  # formats.fake_int
-    lo = 0.0 if spec.unsigned else (-max_bound if spec.narrow_range else -max_bound - 1.0)
+        return s, torch.ones_like(s) / s
     scale = torch.full_like(a, max_bound) / a
     zero = a <= EPS
-    s = torch.where(zero, torch.zeros_like(scale), scale)
-    d = torch.where(zero, torch.ones_like(scale), scale)
-    return mode, s.to(x.device, non_blocking=True), d.to(x.device, non_blocking=True), lo, max_bound, per_row, spec.block_size or 1
+    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero, torch.ones_like(scale), scale)
+
+
+def _up(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A float32 host tensor on x's GPU, queued on the current stream: a few values from pageable
+    memory (the driver stages them at once), more (block amax) through page-locked memory, since a
+    large pageable copy may wait for the stream."""
+    t = t.to(torch.float32).contiguous()
+    if t.numel() > 4096:
+        t = t.pin_memory()
+    return t.to(x.device, non_blocking=True)
+
+
+def _scaled(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor) -> bool:
+    """FP8 / INT with a per-tensor, per-row, per-column or static-block amax. The amax stays a CPU
+    tensor (as fqcheck's resolver reads it): no launch, no host-GPU round trip and no float32
+    pass on the GPU before the fold; per-row and aligned block scales are computed in the kernel
+    from the amax, the others on the host from a few values."""
+    rows, cols = x.shape
+    fp8 = spec.fmt == "fp8"
+    if not fp8 and spec.num_bits > 24:
+        return False
+    a = spec.amax.detach().to(torch.float32).cpu()
+    max_bound = lo = 0.0
+    if not fp8:
+        if bool((a < 0).any()):
+            return False  # formats raises: let it
+        max_bound = float(2.0 ** (spec.num_bits - 1 + int(spec.unsigned)) - 1.0)  # formats.fake_int
+        lo = 0.0 if spec.unsigned else (-max_bound if spec.narrow_range else -max_bound - 1.0)
+    mode, per_row, group, s0, d0 = 0, 0, 1, 0.0, 0.0
+    arr = s = d = x  # unused pointer arguments
+    if not fp8 and spec.block_size:
+        bs = spec.block_size
+        per_row = -(-cols // bs)
+        if a.numel() != rows * per_row:
+            return False
+        if cols % bs == 0 and bs & (bs - 1) == 0 and 4 <= bs <= 1024:
+            tb = max(1, 2048 // bs)
+            nblocks = rows * per_row
+            _static_block_kernel[(triton.cdiv(nblocks, tb),)](x, out, _up(a.reshape(-1), x), nblocks, lo, max_bound,
+                                                              FP8=False, BS=bs, TB=tb)
+            return True
+        mode, group = 3, bs  # a partial last block: per-element scale lookup
+        s, d = (_up(t, x) for t in _host_scales(False, a.reshape(-1), max_bound))
+    else:
+        try:
+            a = _broadcast_amax(a, x)
+        except ValueError:
+            return False
+        if a.numel() == 1:
+            s0, d0 = (float(t) for t in _host_scales(fp8, a, max_bound))
+        elif a.dim() == 2 and a.shape == (rows, 1):
+            mode, arr = 1, _up(a.reshape(-1), x)
+        elif a.dim() == 2 and a.shape == (1, cols):
+            mode = 2
+            s, d = (_up(t.reshape(-1), x) for t in _host_scales(fp8, a, max_bound))
+        else:
+            return False
+    grid = (rows, triton.cdiv(cols, BLOCK))
+    _scaled_kernel[grid](x, out, arr, s, d, s0, d0, cols, per_row, lo, max_bound, FP8=fp8, SCALE=mode,
+                         GROUP=group, BLOCK=BLOCK)
+    return True
 
 
 def fold_into(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor) -> bool:
@@ -171,16 +240,7 @@ def fold_into(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor) -> bool:
     if not x.numel():
         return False
     if spec.fmt in ("fp8", "int"):
-        if spec.fmt == "int" and spec.num_bits > 24:
-            return False
-        sc = _scales(spec, x)
-        if sc is None:
-            return False
-        mode, s, d, lo, hi, per_row, group = sc
-        grid = (rows, triton.cdiv(cols, BLOCK))
-        _scaled_kernel[grid](x, out, s, d, cols, per_row, lo, hi, FP8=spec.fmt == "fp8", SCALE=mode,
-                             GROUP=group, BLOCK=BLOCK)
-        return True
+        return _scaled(x, spec, out)
     bs = spec.block_size or (16 if spec.fmt == "nvfp4" else 32)
     if cols % bs or bs not in (8, 16, 32, 64, 128):
         return False  # padded blocks: formats' path
