@@ -98,11 +98,15 @@ def lint(path: str | Path, options: Options | None = None, **kw) -> Report:
     (a ValueError) for an unknown code, severity or device, CatalogError for a bad user rule.
     Never writes: an interrupted fix is reported in `notes`, not finished.
     """
-    opts = with_keywords(options, kw)
+    return lint_checkpoint(Checkpoint.open(path), with_keywords(options, kw), path)
+
+
+def lint_checkpoint(ckpt: Checkpoint, opts: Options, path: str | Path) -> Report:
+    """lint() of an open Checkpoint (the fixer lints, plans and re-lints through it: one memo of the
+    deep passes per Checkpoint)."""
     catalog = opts.catalog()
     opts.validate(catalog)
     rules = engine.select_rules(catalog, opts.select, opts.ignore, opts.levels)
-    ckpt = Checkpoint.open(path)
     if ckpt._only is None and not (ckpt.safetensors_names or ckpt.weight_pickles or ckpt.outside):
         raise CheckpointError(f"{path}: no weights here (no .safetensors file and no pickled "
                               "state dict such as pytorch_model.bin)")

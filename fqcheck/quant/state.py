@@ -227,7 +227,12 @@ def load_state_file(ckpt, state: QuantState) -> None:
 
 def load_state(ckpt) -> QuantState:
     """Everything known about quantizers: the state file, then leaked buffers (which win: they are
-    what was live in the model when its weights were saved)."""
+    what was live in the model when its weights were saved). Loaded once per Checkpoint (QNT002,
+    QNT003 and the fix's evidence all ask); callers only read it."""
+    return ckpt.once("quant.state", lambda: _load_state(ckpt))
+
+
+def _load_state(ckpt) -> QuantState:
     from ..checkpoint.data import ShardData
     state = QuantState()
     load_state_file(ckpt, state)
