@@ -27,17 +27,12 @@ class Refold:
         self.variant = variant  # FP8: 0 Model Optimizer's CUDA form, 1 its CPU eager form
 
     def __call__(self, raw, device: str | None = None) -> memoryview:
-        import warnings
-
         import torch
 
         from ..quant.formats import fold, resolve_device
         from ..quant.kernels import fold_fast
-        from ..quant.state import ST_TORCH_DTYPES
-        dt = getattr(torch, ST_TORCH_DTYPES[self.st_dtype])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a read-only map: the fold only reads it
-            w = torch.frombuffer(raw, dtype=dt).reshape(self.shape)
+        from ..quant.state import tensor_over
+        w = tensor_over(raw, self.st_dtype).reshape(self.shape)  # a read-only map: the fold only reads it
         device = resolve_device(device or self.device)
         # variant 0 (Model Optimizer's CUDA form) at speed; the CPU eager form is formats.fold's alone
         out = fold_fast(w, self.spec, device) if self.variant == 0 else fold(w, self.spec, device, self.variant)

@@ -188,11 +188,13 @@ class GridStats:
     """What one pass over a weight under a spec says, for every variant v of the fold (formats.variants):
     `off` elements no variant reproduces (formats.off_grid_count); `masks` the variant masks that occur
     (bit v set: variant v reproduces the element), which is how the re-fold picks Model Optimizer's
-    FP8 form from the folded siblings; `nonfinite` whether it holds NaN or Inf."""
+    FP8 form from the folded siblings; `nonfinite` whether it holds NaN or Inf, `nonzero` whether a
+    value is not +-0 (the TEN pass takes these two from here: fqcheck/deep.py)."""
     numel: int
     off: int
     masks: frozenset
     nonfinite: bool
+    nonzero: bool
 
 
 def grid_stats(w: torch.Tensor, spec, device=None) -> GridStats:
@@ -212,12 +214,14 @@ def grid_stats(w: torch.Tensor, spec, device=None) -> GridStats:
         whole = False
     nv = variants(spec)
     counts = torch.zeros(1 << nv, dtype=torch.int64)
-    nonfinite = False
+    nonfinite = nonzero = False
     for r0, r1, s in pieces:
         part = (w if whole else w[r0:r1]).to(dev)
         counts += _mask_counts(part, s, nv).cpu()
         nonfinite = nonfinite or not bool(torch.isfinite(part).all())
-    return GridStats(w.numel(), int(counts[0]), frozenset(int(m) for m in counts.nonzero().reshape(-1)), nonfinite)
+        nonzero = nonzero or bool((part != 0).any())
+    return GridStats(w.numel(), int(counts[0]), frozenset(int(m) for m in counts.nonzero().reshape(-1)),
+                     nonfinite, nonzero)
 
 
 CUDA_GRID_ELEMS = 1 << 24  # elements per GPU chunk of the grid test: memory a few times 64 MB
@@ -240,6 +244,7 @@ def _mask_counts(w: torch.Tensor, spec, nv: int) -> torch.Tensor:
 
 
 _NONFINITE = 0x10  # in a lookup class: the bit pattern is NaN or Inf; bits 0-3: 1 << variant mask
+_NONZERO = 0x20    # ... its value is not +-0
 _tables: dict = {}
 
 
@@ -254,7 +259,8 @@ def _class_table(dtype: torch.dtype, spec: QuantSpec) -> np.ndarray:
         for v in range(variants(spec)):
             f = quantize(x.to(torch.float32), spec, v).to(dtype)
             mask |= ((x == f) | (torch.isnan(x) & torch.isnan(f))).to(torch.int64) << v
-        cls = (torch.ones_like(mask) << mask) | torch.where(torch.isfinite(x), 0, _NONFINITE)
+        cls = (torch.ones_like(mask) << mask) | torch.where(torch.isfinite(x), 0, _NONFINITE) \
+            | torch.where(x != 0, _NONZERO, 0)
         table = cls.to(torch.uint8).numpy()
         if len(_tables) > 64:
             _tables.clear()
@@ -269,6 +275,7 @@ def _grid_lookup(w: torch.Tensor, spec: QuantSpec) -> GridStats:
     bits = _bits(w)
     idx = np.empty(min(bits.size, CPU_CHUNK_ELEMS), dtype=np.intp)
     cls = np.empty(idx.size, dtype=np.uint8)
+    tmp = np.empty(idx.size, dtype=np.uint8)
     seen, off = 0, 0
     for i in range(0, bits.size, idx.size):
         b = bits[i:i + idx.size]
@@ -277,10 +284,10 @@ def _grid_lookup(w: torch.Tensor, spec: QuantSpec) -> GridStats:
         np.take(table, idx[:n], out=cls[:n], mode="clip")
         got = int(np.bitwise_or.reduce(cls[:n]))
         if got & 1:
-            off += int(np.count_nonzero(cls[:n] & 1))
+            off += int(np.count_nonzero(np.bitwise_and(cls[:n], 1, out=tmp[:n])))
         seen |= got
     masks = frozenset(m for m in range(4) if seen & (1 << m))
-    return GridStats(bits.size, off, masks, bool(seen & _NONFINITE))
+    return GridStats(bits.size, off, masks, bool(seen & _NONFINITE), bool(seen & _NONZERO))
 
 
 def spec_key(spec) -> tuple:

@@ -237,7 +237,12 @@ class Resolver:
         if need:
             order = sorted(need, key=lambda k: (k[0] or "", need[k][0][1].begin if need[k][0] else 0))
             from ..workers import spread
-            memo.update(zip(order, spread(lambda k, dev: self._grid_one(need[k], dev), order, self.workers)))
+            results = spread(lambda k, dev: self._grid_one(need[k], dev), order, self.workers)
+            by_tensor = self.ckpt.once("qnt.grid.by_tensor", dict)  # the TEN pass reads NaN/Inf, zeros here
+            for k, g in zip(order, results):
+                memo[k] = g
+                if isinstance(g, GridStats):
+                    by_tensor[(k[0], k[1])] = g
         return [memo[k] for k in keys]
 
     def _grid_one(self, item, device):
@@ -262,10 +267,8 @@ class Resolver:
     def view(self, loc):
         """A read-only CPU tensor over the stored weight's bytes in the mapped file (no copy), or None
         when unreadable. The mapping lives as long as the tensor."""
-        import warnings
-
         from ..checkpoint.data import ShardData
-        from .state import ST_TORCH_DTYPES, _clean_header
+        from .state import _clean_header, tensor_over
         fname, entry = loc
         h = self.ckpt.header(fname)
         if not _clean_header(h) or not entry.nbytes or entry.dtype not in ("F32", "F16", "BF16"):
@@ -276,9 +279,7 @@ class Resolver:
         except ValueError:
             sd.close()
             return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a read-only map: the grid test only reads it
-            w = torch.frombuffer(raw, dtype=getattr(torch, ST_TORCH_DTYPES[entry.dtype]))
+        w = tensor_over(raw, entry.dtype)  # the grid test only reads it
         sd.close()  # the map itself stays until the tensor over it is collected
         return w.reshape(entry.shape)
 
