@@ -125,6 +125,7 @@ def test_grid_stats_is_formats_grid_test(dtype, monkeypatch):
     """Off count, FP8-form masks, NaN/Inf and all-zero: the lookup (16-bit, per-tensor) and the row
     chunks (everything else) give formats' answers on folded, half-folded, raw and special weights."""
     monkeypatch.setattr(kernels, "CPU_CHUNK_ELEMS", 8192)  # several pieces, a ragged last one
+    monkeypatch.setattr(kernels, "GRID_CHUNK_ELEMS", 8192)
     w = _weight((300, 260), dtype)
     specials = w.clone()
     specials[5, :3] = torch.tensor([math.nan, math.inf, -math.inf]).to(dtype)
@@ -134,6 +135,8 @@ def test_grid_stats_is_formats_grid_test(dtype, monkeypatch):
         for x in (w, fold(w, spec, "cpu"), half, specials, torch.zeros_like(w)):
             g = kernels.grid_stats(x, spec, "cpu")
             assert (g.off, g.masks, g.nonfinite, g.nonzero) == _reference_grid(x, spec), spec.name
+            if kernels._lookup_ok(x, spec):  # numpy's gather, for a torch without uint16
+                assert kernels._grid_lookup_numpy(x, kernels._class_table(x.dtype, spec)) == g
     per_tensor = QuantSpec("fp8", w.float().abs().amax())
     assert kernels._lookup_ok(w, per_tensor) == (dtype != torch.float32)
 

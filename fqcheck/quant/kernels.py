@@ -268,10 +268,34 @@ def _class_table(dtype: torch.dtype, spec: QuantSpec) -> np.ndarray:
     return table
 
 
+GRID_CHUNK_ELEMS = 1 << 18  # elements per gather of the grid lookup (the int32 indices: 1 MB, in L2)
+
+
 def _grid_lookup(w: torch.Tensor, spec: QuantSpec) -> GridStats:
-    """One gather per cache-sized piece straight from w's memory (no copy of the weight): the class
-    of each element, OR-reduced; elements off every variant are counted only in pieces that have any."""
+    """One gather per piece straight from w's memory (no copy of the weight): the class of each
+    element, OR-reduced; elements off every variant are counted only in pieces that have any.
+    torch's index_select with int32 indices converted from a uint16 view ran 2.3-2.5 GB/s per core
+    against 1.6-1.9 for numpy's take (which needs 8-byte indices); numpy where torch has no uint16."""
     table = _class_table(w.dtype, spec)
+    if not hasattr(torch, "uint16"):
+        return _grid_lookup_numpy(w, table)
+    src = w.contiguous().reshape(-1).view(torch.uint16)
+    size = min(src.numel(), GRID_CHUNK_ELEMS)
+    idx, cls, ttable = torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=torch.uint8), torch.from_numpy(table)
+    c, tmp = cls.numpy(), np.empty(size, dtype=np.uint8)
+    seen = off = 0
+    for i in range(0, src.numel(), size):
+        n = min(size, src.numel() - i)
+        idx[:n].copy_(src[i:i + n])
+        torch.index_select(ttable, 0, idx[:n], out=cls[:n])
+        got = int(np.bitwise_or.reduce(c[:n]))
+        if got & 1:
+            off += int(np.count_nonzero(np.bitwise_and(c[:n], 1, out=tmp[:n])))
+        seen |= got
+    return _lookup_stats(src.numel(), off, seen)
+
+
+def _grid_lookup_numpy(w: torch.Tensor, table: np.ndarray) -> GridStats:
     bits = _bits(w)
     idx = np.empty(min(bits.size, CPU_CHUNK_ELEMS), dtype=np.intp)
     cls = np.empty(idx.size, dtype=np.uint8)
@@ -286,8 +310,12 @@ def _grid_lookup(w: torch.Tensor, spec: QuantSpec) -> GridStats:
         if got & 1:
             off += int(np.count_nonzero(np.bitwise_and(cls[:n], 1, out=tmp[:n])))
         seen |= got
+    return _lookup_stats(bits.size, off, seen)
+
+
+def _lookup_stats(numel: int, off: int, seen: int) -> GridStats:
     masks = frozenset(m for m in range(4) if seen & (1 << m))
-    return GridStats(bits.size, off, masks, bool(seen & _NONFINITE), bool(seen & _NONZERO))
+    return GridStats(numel, off, masks, bool(seen & _NONFINITE), bool(seen & _NONZERO))
 
 
 def spec_key(spec) -> tuple:
