@@ -92,7 +92,8 @@ def lint(path: str | Path, options: Options | None = None, **kw) -> Report:
     `options` (fqcheck.options.Options), or its fields as keywords: select / ignore (rule codes or
     prefixes, "QNT", "IDX001"), deep (also read tensor data), arch (also build the model from
     config.json on the meta device), rules_dirs (folders of extra declarative rules), severity
-    ({"CODE": "error"|"warning"|"info"}), device (auto, cpu, cuda[:N]), quiet (no progress bar).
+    ({"CODE": "error"|"warning"|"info"}), device (auto, cpu, cuda[:N]), quiet (no progress bar),
+    jobs (worker threads for the deep pass, or one per GPU; 0 auto; never a process).
 
     Raises CheckpointError for a path that is not a checkpoint or holds no weights, UsageError
     (a ValueError) for an unknown code, severity or device, CatalogError for a bad user rule.

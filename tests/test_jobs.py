@@ -12,7 +12,7 @@ import fqcheck
 from builders import load_shard, save_shard
 from fixhelp import run_cli
 from fqbuild import fq_export
-from fqcheck.api import lint_checkpoint, with_keywords
+from fqcheck.api import UsageError, lint_checkpoint, with_keywords
 from fqcheck.checkpoint import Checkpoint
 from fqcheck.fixer.plan import make_plan
 from fqcheck.fixer.runner import _relint, _stamps, _write_copy
@@ -73,8 +73,8 @@ def test_cli_fix_takes_jobs(export, tmp_path):
                   "--output", tmp_path / "cli")
     assert out.returncode == 0, out.stdout + out.stderr
     assert _files(tmp_path / "cli") == api
-    bad = run_cli("fix", export, "--jobs", "-1", "--output", tmp_path / "neg")
-    assert bad.returncode == 2 and "--jobs -1" in bad.stderr
+    with pytest.raises(UsageError, match="--jobs -1"):
+        fqcheck.lint(export, jobs=-1)
 
 
 def test_relint_with_carry_equals_a_fresh_lint(export, tmp_path):
