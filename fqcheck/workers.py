@@ -46,11 +46,12 @@ def devices(device_opt: str = "auto", jobs: int = 0) -> list[str]:
 
 
 @contextlib.contextmanager
-def torch_threads(n: int = 1):
+def torch_threads(n: int | None = 1):
     """torch's intra-op threads set to n while workers run (each worker then computes on its own
-    core instead of every op waking a pool over all of them); untouched when torch is not loaded."""
+    core instead of every op waking a pool over all of them); untouched when torch is not loaded
+    or n is None (GPU workers: their host-side copies into staging use torch's threads)."""
     torch = sys.modules.get("torch")
-    if torch is None:
+    if torch is None or n is None:
         yield
         return
     before = torch.get_num_threads()
@@ -67,10 +68,15 @@ def spread(fn: Callable, items: Iterable, workers: list) -> list:
     re-raised here after every thread has stopped."""
     items = list(items)
     if len(workers) <= 1 or len(items) <= 1:
-        with torch_threads(1):
+        with torch_threads(_threads(workers)):
             return [fn(it, workers[0] if workers else "cpu") for it in items]
     with Ahead(fn, items, workers, window=len(items)) as ahead:
         return [ahead.get(i) for i in range(len(items))]
+
+
+def _threads(workers) -> int | None:
+    """torch threads while these workers run: one each on the CPU; untouched for GPU workers."""
+    return 1 if all(str(w) == "cpu" for w in workers) else None
 
 
 class Ahead:
@@ -86,7 +92,7 @@ class Ahead:
         self._stop = False
         self._cond = threading.Condition()
         self._room = threading.Semaphore(max(1, window or len(workers)))
-        self._threads_ctx = torch_threads(1)
+        self._threads_ctx = torch_threads(_threads(workers))
         self._threads_ctx.__enter__()
         self._threads = [threading.Thread(target=self._work, args=(w,), daemon=True,
                                           name=f"fqcheck-job-{k}") for k, w in enumerate(workers)]
