@@ -78,9 +78,11 @@ def run(path: str | os.PathLike, options: Options, *, unsafe_fixes: bool = False
         out = Path(output)
         res = FixResult(str(path), plan, output=str(out))
         carry = Carry(ckpt)
-        res.written = _write_copy(ckpt, plan, out, enabled, _workers(options, plan), carry, before)
+
+        def relint(tmp):  # the copy's bytes, linted while its last files are fsynced (then renamed to out)
+            res.remaining = _relint(tmp, options, carry, shown_as=out)
+        res.written = _write_copy(ckpt, plan, out, enabled, _workers(options, plan), carry, before, relint)
         res.retired = list(plan.retire)
-        res.remaining = _relint(out, options, carry)
         return res
 
     with Lock(root):
@@ -122,13 +124,14 @@ def run(path: str | os.PathLike, options: Options, *, unsafe_fixes: bool = False
         return res
 
 
-def _relint(path, options: Options, carry: "Carry"):
+def _relint(path, options: Options, carry: "Carry", shown_as=None):
     """The re-lint: every rule on the result; tensors the fix copied verbatim keep the first lint's
-    deep results (fqcheck/carry.py: why that is sound), every other tensor is read from the result."""
+    deep results (fqcheck/carry.py: why that is sound), every other tensor is read from the result.
+    shown_as: the path the report names (--output lints its temp folder before renaming it)."""
     from ..api import lint_checkpoint
     out = Checkpoint.open(path)
     carry.attach(out)
-    return lint_checkpoint(out, options, path)
+    return lint_checkpoint(out, options, shown_as if shown_as is not None else path)
 
 
 def _stamps(ckpt) -> dict:
@@ -210,10 +213,12 @@ def _check_output(out: Path, root: Path) -> None:
 
 
 def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None, workers=(), carry: "Carry | None" = None,
-                before: dict | None = None) -> list[str]:
+                before: dict | None = None, relint=None) -> list[str]:
     """--output: build the repaired copy in a sibling temp folder, then rename it into place. Files
     are fsynced by a background thread while the next one is written (all before the rename).
-    carry/before: record for the re-lint which tensors were copied verbatim (fqcheck/carry.py)."""
+    carry/before: record for the re-lint which tensors were copied verbatim (fqcheck/carry.py).
+    relint(tmp): called once every file is written, while the last ones are fsynced; if anything
+    fails after it, no output is written and its report is thrown away with the error."""
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FixError(f"{out}: --output must be a new or empty directory")
@@ -267,10 +272,12 @@ def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None, workers=(), c
         finally:
             if bar:
                 bar.stop()
-        syncs.wait()  # every file durable before the folder is
-        fsync_dir(tmp)
         if carry is not None and before is not None:
             _carry(carry, ckpt, plan, before, written, {n: s for n, s in whole.items() if n in before})
+        if relint is not None:
+            relint(tmp)
+        syncs.wait()  # every file durable before the folder is
+        fsync_dir(tmp)
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)
