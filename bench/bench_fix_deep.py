@@ -8,9 +8,10 @@ run: `cp` of the shards + `sync` (the baseline), and the fix three ways:
   shard rewritten with the QNT001 drops and the re-folds, fsynced), given the plan of a real lint;
 - api: `fqcheck.fix(src, deep=True, output=dst)` in process: lint --deep, write, re-lint --deep;
 - cli: `python3 -m fqcheck fix --deep --output` (adds interpreter start and imports).
-Exits 1 when the writer or the API misses the budget (>= 70 % of cp + fsync).
+Exits 1 when the writer or the API misses the budget (>= 70 % of cp + fsync). Also times the deep
+lint alone with --jobs 1 and --jobs 2 (interleaved, best of 3): how the data pass scales.
 
-    python3 bench/bench_fix_deep.py [--size-gb 1 --shards 4 --refold 0.1 --device auto]
+    python3 bench/bench_fix_deep.py [--size-gb 1 --shards 4 --refold 0.1 --device auto --jobs 0]
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--refold", type=float, default=0.10, help="fraction of the bytes left unquantized")
     ap.add_argument("--tensor-mb", type=int, default=32)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--jobs", type=int, default=0, help="--jobs for the fix runs (0: auto)")
     ap.add_argument("--skip-cli", action="store_true", help="leave out the CLI run (interpreter start)")
     ap.add_argument("--dir", type=Path, default=ROOT / "bench" / "out" / "fix_deep")
     args = ap.parse_args()
@@ -119,13 +121,14 @@ def main() -> None:
     from fqcheck.checkpoint import Checkpoint
     from fqcheck.fixer.plan import make_plan
     from fqcheck.fixer.runner import _write_copy
+    from fqcheck.workers import devices
 
     shutil.rmtree(args.dir, ignore_errors=True)
     src, dst = args.dir / "ckpt", args.dir / "out"
     size, raw = build(src, args.size_gb, args.shards, args.refold, args.tensor_mb)
     files = sorted(src.iterdir())
     subprocess.run(["sync"], check=True)
-    opts = dict(deep=True, device=args.device, ignore=["ARC"], quiet=True)
+    opts = dict(deep=True, device=args.device, ignore=["ARC"], quiet=True, jobs=args.jobs)
 
     # the plan comes from a real deep lint (timed on its own: it is the fix's first step)
     warm(files)
@@ -136,6 +139,7 @@ def main() -> None:
     n_refold = sum(f.code == "QNT002" for f in report.findings)
     assert codes == ["QNT001", "QNT002"] and n_refold, (codes, n_refold)
     plan = make_plan(Checkpoint.open(src), report.findings)
+    workers = devices(args.device, args.jobs)  # where the fix's re-folds run (fqcheck.workers)
 
     # the same writer with the producer the re-fold had before (a bytearray copy of the source bytes,
     # formats.fold over the whole tensor, .numpy().tobytes()): what this writer path replaced
@@ -148,7 +152,7 @@ def main() -> None:
         results.setdefault("cp", []).append(time_cp(src, dst))
         warm(files)
         t = time.perf_counter()
-        _write_copy(Checkpoint.open(src), plan, dst, False)
+        _write_copy(Checkpoint.open(src), plan, dst, False, workers)
         subprocess.run(["sync"], check=True)
         results.setdefault("writer", []).append(time.perf_counter() - t)
         shutil.rmtree(dst)
@@ -170,18 +174,29 @@ def main() -> None:
             warm(files)
             t = time.perf_counter()
             out = subprocess.run([sys.executable, "-m", "fqcheck", "fix", str(src), "--deep", "--ignore", "ARC",
-                                  "--device", args.device, "--output", str(dst)], cwd=ROOT, capture_output=True, text=True)
+                                  "--device", args.device, "--jobs", str(args.jobs), "--output", str(dst)],
+                                 cwd=ROOT, capture_output=True, text=True)
             subprocess.run(["sync"], check=True)
             results.setdefault("cli", []).append(time.perf_counter() - t)
             if out.returncode != 0:
                 sys.exit(f"fix failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
             shutil.rmtree(dst)
     results["cp"].append(time_cp(src, dst))
+    lints: dict[int, list] = {}
+    for rep in range(3):  # the deep pass alone on one and on two workers, interleaved
+        for jobs in (1, 2):
+            warm(files)
+            t = time.perf_counter()
+            fqcheck.lint(src, **{**opts, "jobs": jobs})
+            lints.setdefault(jobs, []).append(time.perf_counter() - t)
     best = {k: min(v) for k, v in results.items()}
     gb = size / 1e9
     print(f"checkpoint: {gb:.2f} GB in {args.shards} shards, {raw / size:.0%} of its bytes re-folded "
-          f"({n_refold} FP8 weights), device {args.device}; page cache warm; best of 2-3")
-    print(f"lint --deep alone (the fix runs it twice): {t_lint:6.2f} s")
+          f"({n_refold} FP8 weights), device {args.device}, --jobs {args.jobs}; page cache warm; best of 2-3")
+    print(f"lint --deep alone (the fix runs it, then a re-lint): {t_lint:6.2f} s")
+    l1, l2 = min(lints[1]), min(lints[2])
+    print(f"lint --deep --jobs 1 {l1:6.2f} s, --jobs 2 {l2:6.2f} s: {l1 / l2:4.2f}x "
+          f"({gb / l1:.2f} and {gb / l2:.2f} GB/s; best of 3, interleaved)")
     missed = []
     for k in ("cp", "writer", "previous writer", "api", "cli"):
         if k not in best:

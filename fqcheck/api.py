@@ -92,17 +92,22 @@ def lint(path: str | Path, options: Options | None = None, **kw) -> Report:
     `options` (fqcheck.options.Options), or its fields as keywords: select / ignore (rule codes or
     prefixes, "QNT", "IDX001"), deep (also read tensor data), arch (also build the model from
     config.json on the meta device), rules_dirs (folders of extra declarative rules), severity
-    ({"CODE": "error"|"warning"|"info"}), device (auto, cpu, cuda[:N]), quiet (no progress bar).
+    ({"CODE": "error"|"warning"|"info"}), device (auto, cpu, cuda[:N]), quiet (no progress bar),
+    jobs (worker threads for the deep pass, or one per GPU; 0 auto; never a process).
 
     Raises CheckpointError for a path that is not a checkpoint or holds no weights, UsageError
     (a ValueError) for an unknown code, severity or device, CatalogError for a bad user rule.
     Never writes: an interrupted fix is reported in `notes`, not finished.
     """
-    opts = with_keywords(options, kw)
+    return lint_checkpoint(Checkpoint.open(path), with_keywords(options, kw), path)
+
+
+def lint_checkpoint(ckpt: Checkpoint, opts: Options, path: str | Path) -> Report:
+    """lint() of an open Checkpoint (the fixer lints, plans and re-lints through it: one memo of the
+    deep passes per Checkpoint)."""
     catalog = opts.catalog()
     opts.validate(catalog)
     rules = engine.select_rules(catalog, opts.select, opts.ignore, opts.levels)
-    ckpt = Checkpoint.open(path)
     if ckpt._only is None and not (ckpt.safetensors_names or ckpt.weight_pickles or ckpt.outside):
         raise CheckpointError(f"{path}: no weights here (no .safetensors file and no pickled "
                               "state dict such as pytorch_model.bin)")

@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
+from .checkpoint.parallel import forking
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Validate and repair quantized Hugging Face checkpoints "
@@ -35,8 +36,9 @@ _FAIL_ON = typer.Option(None, "--fail-on", metavar="LEVEL", help="Fail on error 
 _QUANT_FORMAT = typer.Option(None, "--quant-format", metavar="FORMAT", help="fp8, int8, int4 or nvfp4: the "
                              "weight-quantizer format when neither the state file, the quantization config nor "
                              "the folded weights decide it.")
-_JOBS = typer.Option(0, "--jobs", "-j", metavar="N", help="Processes reading the shard headers (0: auto, two "
-                     "when there are two cores).")
+_JOBS = typer.Option(0, "--jobs", "-j", metavar="N", help="Workers for the deep pass and the re-fold: N CPU "
+                     "threads, or one per GPU with --device cuda (0: auto, every core or GPU); not 1: shard headers are "
+                     "also read by a second process.")
 
 
 def _say(message: str) -> None:
@@ -134,7 +136,7 @@ def lint(
                     fail_on=fail_on, device=device, quiet=quiet, quant_format=quant_format, jobs=_jobs(jobs))
     with _errors():
         _check_device(opts)
-        with _spinner(quiet or opts.deep, paths):  # deep runs draw their own bar
+        with _spinner(quiet or opts.deep, paths), forking():  # deep runs draw their own bar
             reports = [run_lint(p, opts) for p in paths]
     report = Report.merge(reports)
     for note in report.notes:
@@ -170,6 +172,7 @@ def fix(
     quant_format: Optional[str] = _QUANT_FORMAT,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every finding, none grouped."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only a summary line and what remains; no progress bar."),
+    jobs: int = _JOBS,
 ) -> None:
     """Repair a checkpoint (a folder, or one .safetensors file) crash-safely, with the same config as lint.
 
@@ -181,11 +184,12 @@ def fix(
     from .report.fixes import describe
 
     opts = _options(config, select=select, ignore=ignore, deep=deep, arch=arch, rules_dirs=rules,
-                    fail_on=fail_on, device=device, quiet=quiet, quant_format=quant_format)
+                    fail_on=fail_on, device=device, quiet=quiet, quant_format=quant_format, jobs=_jobs(jobs))
     with _errors():
         _check_device(opts)
-        res = run_fix(path, opts, unsafe_fixes=unsafe_fixes, dry_run=dry_run, output=output,
-                      backup=not no_backup)
+        with forking():
+            res = run_fix(path, opts, unsafe_fixes=unsafe_fixes, dry_run=dry_run, output=output,
+                          backup=not no_backup)
     sys.stdout.write(describe(res, path, quiet=quiet, verbose=verbose, filtered=bool(opts.select or opts.ignore)))
     if dry_run:
         raise typer.Exit(EXIT_CLEAN if res.plan.empty else EXIT_FINDINGS)
@@ -250,7 +254,7 @@ def restore(path: Path = typer.Argument(..., metavar="PATH", hidden=True)) -> No
 def _jobs(n: int) -> int:
     if n < 0:
         raise _fail(f"--jobs {n}: expected 0 (auto) or a positive count")
-    return n or min(2, os.cpu_count() or 1)
+    return n
 
 
 def _catalog(config, rules):

@@ -134,21 +134,50 @@ def _scan(ckpt: Checkpoint, chunk_bytes: int, progress: bool | None, workers: in
     total = sum(e.nbytes for _, h in shards for e in h.tensors.values() if e.dtype in FLOAT_BITS)
     bar = progress_bar("deep scan", total, progress)
     stats: dict[tuple[str, str], TensorStats] = {}
+    graded = ckpt.__dict__.get("_memo", {}).get("qnt.grid.by_tensor")  # weights QNT002 already read
     try:
         for fname, header in shards:
+            skip = _carried(ckpt, fname, header, stats)
+            if skip and bar is not None:
+                bar.advance(sum(header.tensors[t].nbytes for t in skip if header.tensors[t].dtype in FLOAT_BITS))
             with ShardData(header) as sd:
-                _scan_shard(np, fname, sd, chunk_bytes, bar, stats, workers)
+                _scan_shard(np, fname, sd, chunk_bytes, bar, stats, workers, skip, graded)
     finally:
         if bar is not None:
             bar.stop()
     return DeepScan(ckpt, stats, chunk_bytes)
 
 
-def _scan_shard(np, fname: str, sd: ShardData, chunk_bytes: int, bar, stats: dict, workers: int) -> None:
+def _carried(ckpt: Checkpoint, fname: str, header, stats: dict) -> set:
+    """A fix's re-lint: the tensors of `fname` whose stats the first lint's pass already has (copied
+    verbatim by the fix, fqcheck.carry says why that is sound), put into `stats`; their names."""
+    carry = ckpt.carry
+    if carry is None:
+        return set()
+    done = set()
+    for name, entry in header.tensors.items():
+        src = carry.source(fname, name)
+        if src is None:
+            continue
+        src_ckpt, src_file = src
+        memo = src_ckpt.__dict__.get("_memo", {}).get("deep.scan")
+        s = memo.stats.get((src_file, name)) if memo is not None else None
+        if s is None:
+            continue
+        stats[(fname, name)] = TensorStats(fname, name, s.dtype, s.shape, s.nbytes, s.fingerprint, entry.begin,
+                                           s.nonfinite, s.inf, s.all_zero)
+        done.add(name)
+    return done
+
+
+def _scan_shard(np, fname: str, sd: ShardData, chunk_bytes: int, bar, stats: dict, workers: int,
+                skip: set = frozenset(), graded: dict | None = None) -> None:
     """`workers` threads take the shard's tensors in file order (numpy releases the GIL while it
-    reads the mapping, so two threads read about twice as fast when two cores are free)."""
+    reads the mapping, so two threads read about twice as fast when two cores are free). skip: the
+    tensors already in `stats`; graded: (file, tensor) -> QNT002's GridStats of a weight it read."""
     bad = {p.tensor for p in sd.header.problems if p.kind == st.BAD_ENTRY}  # SFT002: sizes untrusted
-    entries = iter(sorted((e for e in sd.header.tensors.values() if e.name not in bad), key=lambda e: e.begin))
+    entries = iter(sorted((e for e in sd.header.tensors.values() if e.name not in bad and e.name not in skip),
+                          key=lambda e: e.begin))
     lock = threading.Lock()
     errors: list[BaseException] = []
 
@@ -159,7 +188,7 @@ def _scan_shard(np, fname: str, sd: ShardData, chunk_bytes: int, bar, stats: dic
                     entry = next(entries, None)
                 if entry is None:
                     return
-                _scan_tensor(np, fname, sd, entry, chunk_bytes, bar, stats)
+                _scan_tensor(np, fname, sd, entry, chunk_bytes, bar, stats, graded)
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
 
@@ -173,10 +202,18 @@ def _scan_shard(np, fname: str, sd: ShardData, chunk_bytes: int, bar, stats: dic
         raise errors[0]
 
 
-def _scan_tensor(np, fname: str, sd: ShardData, entry: st.TensorEntry, chunk_bytes: int, bar, stats: dict) -> None:
+def _scan_tensor(np, fname: str, sd: ShardData, entry: st.TensorEntry, chunk_bytes: int, bar, stats: dict,
+                 graded: dict | None = None) -> None:
     s = TensorStats(fname, entry.name, entry.dtype, entry.shape, entry.nbytes, _fingerprint(sd, entry),
                     begin=entry.begin)
-    if entry.dtype in FLOAT_BITS and entry.nbytes:
+    g = graded.get((fname, entry.name)) if graded else None
+    if g is not None and not g.nonfinite and entry.dtype in FLOAT_BITS:
+        # QNT002's pass over this weight already saw every value: no NaN or Inf, and whether all are
+        # +-0 (its lookup classes say so per bit pattern); a weight with NaN/Inf is scanned to count them
+        s.all_zero = not g.nonzero if FLOAT_BITS[entry.dtype][4] else None
+        if bar is not None:
+            bar.advance(entry.nbytes)
+    elif entry.dtype in FLOAT_BITS and entry.nbytes:
         _scan_floats(np, sd, entry, s, chunk_bytes, bar)
     stats[(fname, entry.name)] = s
 
@@ -253,8 +290,10 @@ def _fingerprint(sd: ShardData, entry: st.TensorEntry) -> bytes:
 
 
 def scan_for(ckpt: Checkpoint, options: Options | None = None) -> DeepScan:
-    """The pass as the deep checks call it: progress off under --quiet."""
-    return scan(ckpt, progress=False if options is not None and options.quiet else None)
+    """The pass as the deep checks call it: progress off under --quiet, --jobs threads."""
+    from .workers import count
+    return scan(ckpt, progress=False if options is not None and options.quiet else None,
+                workers=count(options.jobs if options is not None else 0))
 
 
 # -- tied embeddings (TEN004's deep half; the TEN004 check itself lives in checks/ten.py) --------

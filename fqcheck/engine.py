@@ -126,7 +126,8 @@ def run(ckpt: Checkpoint, rules: list[Rule], options: Options | None = None) -> 
     gc.disable()
     try:
         if rules:
-            ckpt.read_headers(options.jobs)
+            from .checkpoint.parallel import fork_allowed
+            ckpt.read_headers(2 if options.jobs != 1 and fork_allowed() else 1)
         return _run(ckpt, rules, options)
     finally:
         if was_enabled:

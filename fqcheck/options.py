@@ -37,8 +37,10 @@ class Options:
     quant_format: str | None = None
     """The weight-quantizer format (fp8, int8, int4, nvfp4) when neither the state file, the
     quantization config nor the folded weights decide it (QNT001/QNT002)."""
-    jobs: int = 1
-    """Processes reading shard headers; the API stays at 1 (it never forks), the CLI asks for 2."""
+    jobs: int = 0
+    """Workers (threads) for the deep data pass and the re-fold: N CPU threads, or one per GPU with
+    device cuda (at most N); 0 is auto: the usable cores, every visible GPU (fqcheck.workers). The
+    command line also reads shard headers in a forked child unless 1; the API never forks."""
 
     @property
     def levels(self) -> tuple[str, ...]:
@@ -66,6 +68,8 @@ class Options:
             raise UsageError(f"unknown --fail-on {self.fail_on!r}; choose from {', '.join(FAIL_ON)}")
         if self.quant_format is not None and self.quant_format not in QUANT_FORMATS:
             raise UsageError(f"unknown --quant-format {self.quant_format!r}; choose from {', '.join(QUANT_FORMATS)}")
+        if not isinstance(self.jobs, int) or self.jobs < 0:
+            raise UsageError(f"--jobs {self.jobs!r}: expected 0 (auto) or a positive count")
         if not _DEVICE.fullmatch(self.device):
             raise UsageError(f"unknown --device {self.device!r}; use auto, cpu or cuda[:N]")
         return self

@@ -162,3 +162,67 @@ def test_cuda_fold_fast_result_is_page_locked_and_input_untouched():
     out = fold_fast(w, QuantSpec("nvfp4", w.float().abs().amax(), block_size=16), "cuda")
     assert out.is_pinned() and out.device.type == "cpu" and torch.equal(w.view(torch.int16), before.view(torch.int16))
 
+
+
+# ---- grid_stats: the one pass of the grid test, against formats' own comparisons --------------------
+def _reference_grid(w, spec):
+    """What formats says, the long way: off_grid_count, and per element which variants reproduce it."""
+    from fqcheck.quant.formats import _post_scale, quantize, variants
+    x = w.to(torch.float32)
+    mask = torch.zeros(w.shape, dtype=torch.int64)
+    for v in range(variants(spec)):
+        f = _post_scale(quantize(x, spec, v), spec, w.dtype)
+        mask |= ((w == f) | (torch.isnan(w) & torch.isnan(f))).to(torch.int64) << v
+    return (off_grid_count(w, spec, "cpu"), frozenset(mask.unique().tolist()),
+            not bool(torch.isfinite(w).all()), bool((w != 0).any()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_grid_stats_is_formats_grid_test(dtype, monkeypatch):
+    """Off count, FP8-form masks, NaN/Inf and all-zero: the lookup (16-bit, per-tensor) and the row
+    chunks (everything else) give formats' answers on folded, half-folded, raw and special weights."""
+    monkeypatch.setattr(kernels, "CPU_CHUNK_ELEMS", 8192)  # several pieces, a ragged last one
+    monkeypatch.setattr(kernels, "GRID_CHUNK_ELEMS", 8192)
+    w = _weight((300, 260), dtype)
+    specials = w.clone()
+    specials[5, :3] = torch.tensor([math.nan, math.inf, -math.inf]).to(dtype)
+    for spec in _specs(w):
+        half = fold(w, spec, "cpu").contiguous()
+        half.view(-1)[::3] = w.reshape(-1)[::3]
+        for x in (w, fold(w, spec, "cpu"), half, specials, torch.zeros_like(w)):
+            g = kernels.grid_stats(x, spec, "cpu")
+            assert (g.off, g.masks, g.nonfinite, g.nonzero) == _reference_grid(x, spec), spec.name
+            if kernels._lookup_ok(x, spec):  # numpy's gather, for a torch without uint16
+                assert kernels._grid_lookup_numpy(x, kernels._class_table(x.dtype, spec)) == g
+    per_tensor = QuantSpec("fp8", w.float().abs().amax())
+    assert kernels._lookup_ok(w, per_tensor) == (dtype != torch.float32)
+
+
+def test_grid_stats_reads_a_read_only_map_without_copying(tmp_path):
+    """The grid test runs on a tensor over the mapped file (what the deep pass hands it): no write."""
+    import mmap
+    w = _weight((512, 256), torch.bfloat16)
+    p = tmp_path / "w.bin"
+    p.write_bytes(w.view(torch.uint8).numpy().tobytes())
+    from fqcheck.quant.state import tensor_over
+    with open(p, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        t = tensor_over(memoryview(mm), "BF16").reshape(w.shape)
+        spec = QuantSpec("fp8", w.float().abs().amax())
+        g = kernels.grid_stats(t, spec, "cpu")
+    assert g.off == off_grid_count(w, spec, "cpu") > 0
+    assert p.read_bytes() == w.view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_grid_stats_is_the_cpu_grid_stats(dtype, monkeypatch):
+    monkeypatch.setattr(kernels, "CUDA_GRID_ELEMS", 10000)  # several row chunks on the GPU
+    w = _weight((300, 260), dtype)
+    w[5, :3] = torch.tensor([math.nan, math.inf, -math.inf]).to(dtype)
+    for spec in _specs(w.nan_to_num(0.0, 0.0, 0.0)):
+        half = fold(w, spec, "cpu").contiguous()
+        half.view(-1)[::3] = w.reshape(-1)[::3]
+        for x in (w, half):
+            assert kernels.grid_stats(x, spec, "cuda") == kernels.grid_stats(x, spec, "cpu"), spec.name

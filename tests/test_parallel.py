@@ -135,8 +135,13 @@ def test_no_fork_while_other_threads_run(many_shards):
 
 
 def test_lint_finds_the_same_either_way(many_shards, monkeypatch):
-    two_cores = fqcheck.lint(many_shards, jobs=2)
-    one_core = fqcheck.lint(many_shards)
+    forks = []
+    fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or fork())
+    with parallel.forking():  # what the command line opens around its run
+        two_cores = fqcheck.lint(many_shards, jobs=2)
+    assert forks == [1]
+    one_core = fqcheck.lint(many_shards, jobs=1)
     assert two_cores.findings == one_core.findings
     assert {f.code for f in one_core.findings} >= {"SFT001", "SFT002", "SFT003", "SFT006"}
 
@@ -145,7 +150,8 @@ def test_the_api_never_forks(many_shards, monkeypatch):
     def no_fork():
         raise AssertionError("the API forked")
     monkeypatch.setattr(os, "fork", no_fork)
-    assert {f.code for f in fqcheck.lint(many_shards).findings} >= {"SFT001", "SFT003"}
+    for jobs in (0, 1, 2):  # --jobs spreads work over threads in the API, never processes
+        assert {f.code for f in fqcheck.lint(many_shards, jobs=jobs, deep=True).findings} >= {"SFT001", "SFT003"}
 
 
 def test_the_cli_reports_what_the_api_does(many_shards):

@@ -24,11 +24,29 @@ import sys
 import threading
 import time
 import weakref
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from .safetensors import SafetensorsHeader, columns, from_columns, read_header
 
 MIN_SHARDS = 8  # below this, headers are small and a fork saves nothing
+_FORK = ContextVar("fqcheck_fork", default=False)  # set only by the command line (never by the API)
+
+
+@contextmanager
+def forking():
+    """Inside this block a lint may read shard headers in a forked child: the `fqcheck` command
+    opens it around its run; fqcheck.lint() and fqcheck.fix() never do, so the API never forks."""
+    token = _FORK.set(True)
+    try:
+        yield
+    finally:
+        _FORK.reset(token)
+
+
+def fork_allowed() -> bool:
+    return _FORK.get()
 
 
 def can_fork() -> bool:

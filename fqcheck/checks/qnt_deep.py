@@ -20,23 +20,20 @@ class Refold:
     bytes in place (the writer hands over a view of the mapped source) and returns a view of the
     folded tensor: no Python byte copies on the way to the output file."""
 
+    takes_device = True  # the fix's workers say where it runs (fqcheck/fixer/refolds.py)
+
     def __init__(self, spec, st_dtype: str, shape, device: str = "auto", variant: int = 0):
         self.spec, self.st_dtype, self.shape, self.device = spec, st_dtype, tuple(shape), device
         self.variant = variant  # FP8: 0 Model Optimizer's CUDA form, 1 its CPU eager form
 
-    def __call__(self, raw) -> memoryview:
-        import warnings
-
+    def __call__(self, raw, device: str | None = None) -> memoryview:
         import torch
 
         from ..quant.formats import fold, resolve_device
         from ..quant.kernels import fold_fast
-        from ..quant.state import ST_TORCH_DTYPES
-        dt = getattr(torch, ST_TORCH_DTYPES[self.st_dtype])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a read-only map: the fold only reads it
-            w = torch.frombuffer(raw, dtype=dt).reshape(self.shape)
-        device = resolve_device(self.device)
+        from ..quant.state import tensor_over
+        w = tensor_over(raw, self.st_dtype).reshape(self.shape)  # a read-only map: the fold only reads it
+        device = resolve_device(device or self.device)
         # variant 0 (Model Optimizer's CUDA form) at speed; the CPU eager form is formats.fold's alone
         out = fold_fast(w, self.spec, device) if self.variant == 0 else fold(w, self.spec, device, self.variant)
         return memoryview(out.contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -49,7 +46,7 @@ def unquantized_weights(ctx: Context):
         return  # nothing names a quantizer: no torch import, no reading (issue 15)
     if not torch_installed():  # the grid test computes with torch; without it there is nothing to compare
         return
-    yield from weight_hits(ckpt, ctx.options.device, ctx.options.quant_format)
+    yield from weight_hits(ckpt, ctx.options.device, ctx.options.quant_format, ctx.options.jobs)
 
 
 def _has_quantizer_state(ckpt) -> bool:
@@ -58,10 +55,10 @@ def _has_quantizer_state(ckpt) -> bool:
     return STATE_NAME in ckpt.names or OLD_AMAX_NAME in ckpt.names or next(leaked_tensors(ckpt), None) is not None
 
 
-def weight_hits(ckpt, device_opt: str = "auto", quant_format: str | None = None):
+def weight_hits(ckpt, device_opt: str = "auto", quant_format: str | None = None, jobs: int = 0):
     """QNT002 hits: weights off their quantizer's grid (with a re-fold), and weights whose leaked
     amax is evidence of a quantizer but whose format nothing decides (no fix: the evidence stays)."""
-    for v in verdicts(ckpt, device_opt, quant_format):
+    for v in verdicts(ckpt, device_opt, quant_format, jobs=jobs):
         if v.hit is not None:
             yield v.hit
 
@@ -74,24 +71,26 @@ class Verdict:
     hit: Hit | None = None
 
 
-def verdicts(ckpt, device_opt: str = "auto", quant_format: str | None = None, only=None):
+def verdicts(ckpt, device_opt: str = "auto", quant_format: str | None = None, only=None, jobs: int = 0):
     """One Verdict per stored weight that has a weight quantizer. `only`: restrict to these weight
-    names (fix reads just the weights whose amax leaked)."""
-    import torch
-
+    names (fix reads just the weights whose amax leaked). jobs: --jobs (fqcheck.workers); the data
+    pass reads each weight once, in place from the mapped file, with every check it needs at once."""
     from ..quant.formats import resolve_device
-    from ..quant.kernels import off_grid_count_fast as off_grid_count  # formats' count, at speed
+    from ..quant.kernels import GridStats
     from ..quant.resolve import Resolver
     from ..quant.state import load_state
+    from ..workers import devices
 
     device = resolve_device(device_opt)
-    res = Resolver(ckpt, load_state(ckpt), quant_format, device)
+    res = Resolver(ckpt, load_state(ckpt), quant_format, device, devices(device_opt, jobs))
     if OLD_AMAX_NAME in ckpt.names:  # weights unfolded by design: vLLM quantizes them at load time
         yield from (Verdict(w, True) for w in sorted(res.groups()) if only is None or w in only)
         return
     groups = res.groups()
     if only is None:
         yield from _stripped_block_weights(ckpt, res, groups)
+    todo = []  # (weight, parts, file, entry, spec, source) of the weights whose data decides
+    out: list = []  # Verdicts in weight order; None where the data pass decides
     for wname, parts in sorted(groups.items()):
         if only is not None and wname not in only:
             continue
@@ -100,44 +99,51 @@ def verdicts(ckpt, device_opt: str = "auto", quant_format: str | None = None, on
             continue  # e.g. a tied lm_head: no stored weight to judge
         fname, entry = loc
         if entry.dtype not in FLOAT_DTYPES or not entry.nbytes:
-            yield Verdict(wname, False, f"stored as {entry.dtype} with {entry.nbytes} bytes")
+            out.append(Verdict(wname, False, f"stored as {entry.dtype} with {entry.nbytes} bytes"))
             continue
         spec, source, why = res.spec(wname, parts, entry.shape)
         leaked = [q for q in parts if q.amax_where and q.amax_where.endswith(".safetensors")]
         if spec is None:
             if why and why.startswith("its quantizer is disabled"):
-                yield Verdict(wname, True)
+                out.append(Verdict(wname, True))
             elif leaked and why:
-                yield Verdict(wname, False, why, Hit(f"{wname}: cannot verify that it is quantized: {why}",
-                                                    file=fname, tensor=wname))
+                out.append(Verdict(wname, False, why, Hit(f"{wname}: cannot verify that it is quantized: {why}",
+                                                          file=fname, tensor=wname)))
             else:
-                yield Verdict(wname, False, why or "no amax")
+                out.append(Verdict(wname, False, why or "no amax"))
             continue
-        w = res.read(wname)
-        if w is None:
+        todo.append((wname, parts, fname, entry, spec, source))
+        out.append(None)
+    stats = iter(res.grid_many([(t[0], t[4]) for t in todo]))
+    pending = iter(todo)
+    for v in out:
+        if v is not None:
+            yield v
+            continue
+        wname, parts, fname, entry, spec, source = next(pending)
+        g = next(stats)
+        if g is None:
             yield Verdict(wname, False, "its shard cannot be read safely (see the SFT findings)")
-            continue
-        if not bool(torch.isfinite(w).all()):  # TEN003 reports NaN/Inf; re-folding would hide them
+        elif not isinstance(g, GridStats):  # amax does not fit the weight (shape): QNT003's business
+            yield Verdict(wname, False, f"its amax does not fit it: {g}")
+        elif g.nonfinite:  # TEN003 reports NaN/Inf; re-folding would hide them
             yield Verdict(wname, False, "it holds NaN or Inf (TEN003)")
-            continue
-        try:
-            n = off_grid_count(w, spec, device)
-        except ValueError as e:  # amax does not fit the weight (shape): QNT003's business
-            yield Verdict(wname, False, f"its amax does not fit it: {e}")
-            continue
-        del w
-        if not n:
+        elif not g.off:
             yield Verdict(wname, True)
-            continue
-        frac = n / entry.numel
-        where = {q.amax_where for q in parts if q.amax_where}
-        scales = f"amax from {', '.join(sorted(where))}" if where else "scales from the weight itself"
-        qname = STAGE_RE.sub("", parts[0].name)
-        yield Verdict(wname, True, hit=Hit(
-            f"{wname}: {n:,} of {entry.numel:,} values ({frac:.1%}) are off the {spec.name} grid of its "
-            f"enabled weight quantizer {qname} ({scales}; format {source}): the export left it "
-            f"unquantized", file=fname, tensor=wname,
-            fix=ReplaceTensor(fname, wname, Refold(spec, entry.dtype, entry.shape, device_opt, res.variant(spec)))))
+        else:
+            yield Verdict(wname, True, hit=_off_grid_hit(res, wname, parts, fname, entry, spec, source, g.off, device_opt))
+
+
+def _off_grid_hit(res, wname, parts, fname, entry, spec, source, n: int, device_opt: str) -> Hit:
+    frac = n / entry.numel
+    where = {q.amax_where for q in parts if q.amax_where}
+    scales = f"amax from {', '.join(sorted(where))}" if where else "scales from the weight itself"
+    qname = STAGE_RE.sub("", parts[0].name)
+    return Hit(
+        f"{wname}: {n:,} of {entry.numel:,} values ({frac:.1%}) are off the {spec.name} grid of its "
+        f"enabled weight quantizer {qname} ({scales}; format {source}): the export left it "
+        f"unquantized", file=fname, tensor=wname,
+        fix=ReplaceTensor(fname, wname, Refold(spec, entry.dtype, entry.shape, device_opt, res.variant(spec))))
 
 
 def _stripped_block_weights(ckpt, res, groups):

@@ -13,7 +13,7 @@ class Undecided(Exception):
 
 
 def weigh_weight_amax(ckpt, findings, unsafe: bool = False, quant_format: str | None = None,
-                      device: str = "auto") -> tuple[list, list[str]]:
+                      device: str = "auto", jobs: int = 0) -> tuple[list, list[str]]:
     """(findings plus the re-folds the decision needs, notes). Raises Undecided unless `unsafe`."""
     from ..checks.qnt import weight_of_amax
     findings = list(findings)
@@ -26,7 +26,7 @@ def weigh_weight_amax(ckpt, findings, unsafe: bool = False, quant_format: str | 
         return findings, []  # header-only fixes stay torch-free
     try:
         from ..checks.qnt_deep import verdicts
-        found = {v.weight: v for v in verdicts(ckpt, device, quant_format, only=todo)}
+        found = {v.weight: v for v in verdicts(ckpt, device, quant_format, only=todo, jobs=jobs)}
     except ImportError:
         found = {}
     undecided = []

@@ -66,8 +66,9 @@ def _names(names, limit: int = 5) -> str:
 
 
 def make_plan(ckpt: Checkpoint, findings, unsafe: bool = False, quant_format: str | None = None,
-              device: str = "auto") -> Plan:
-    """quant_format / device: for deciding the weights whose weight-quantizer amax leaked."""
+              device: str = "auto", jobs: int = 0) -> Plan:
+    """quant_format / device / jobs: for deciding the weights whose weight-quantizer amax leaked (on
+    the Checkpoint the lint ran on, its grid tests are not repeated)."""
     blocking = [f for f in findings if f.severity == "error" and f.fixable == "no"]
     if blocking:
         lines = "\n".join(f"  {f.code} {f.file or ''}{':' + f.tensor if f.tensor else ''}: {f.message}"
@@ -76,7 +77,7 @@ def make_plan(ckpt: Checkpoint, findings, unsafe: bool = False, quant_format: st
                          f"(nothing was changed):\n{lines}", blocking)
     from .evidence import Undecided, refusal, weigh_weight_amax
     try:
-        findings, notes = weigh_weight_amax(ckpt, findings, unsafe, quant_format, device)
+        findings, notes = weigh_weight_amax(ckpt, findings, unsafe, quant_format, device, jobs)
     except Undecided as e:
         raise FixRefused(refusal(e.args[0])) from None
     plan = Plan(notes=notes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import mmap
 import os
 import struct
 from typing import Callable
@@ -15,6 +16,8 @@ from .durable import write_all
 
 CHUNK = 1 << 30        # bytes per copy_file_range/sendfile call
 BUFFER = 8 << 20       # bytes per read in the buffered fallback
+COPY_PIECE = 1 << 20   # bytes per write from the map (misaligned ranges): cache-sized, fastest measured
+_PAGE = mmap.PAGESIZE
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP,
                     errno.EBADF, errno.EPERM}
 _MODES = ("copy_file_range", "sendfile", "buffer")
@@ -66,13 +69,20 @@ def write_shard(header: SafetensorsHeader, dst_fd: int, drop: set[str],
     write_all(dst_fd, head, 0)
     base = len(head)
     mode = [_mode["m"]]  # this file's copy mode: a fallback (EXDEV...) holds for this file only
-    with open(header.path, "rb") as src, _mapped(header, replace) as sd:
+    misaligned = any((header.data_start + e.begin - base - b) % _PAGE for e, b in layout if e.name not in replace)
+    with open(header.path, "rb") as src, _mapped(header, replace or misaligned) as sd:
         sfd = src.fileno()
+
+        def copy(s, d, n):
+            if sd is not None and (s - d) % _PAGE:
+                _copy_mapped(sd, dst_fd, s, d, n)
+            else:
+                copy_range(sfd, dst_fd, s, d, n, mode)
         run = None  # [src_off, dst_off, n]: untouched tensors contiguous in both files, copied at once
         for e, new_begin in layout:
             if e.name in replace:
                 if run:
-                    copy_range(sfd, dst_fd, *run, mode)
+                    copy(*run)
                     run = None
                 _write_replaced(sd, dst_fd, e, base + new_begin, replace[e.name])
                 continue
@@ -81,19 +91,35 @@ def write_shard(header: SafetensorsHeader, dst_fd: int, drop: set[str],
                 run[2] += e.nbytes
             else:
                 if run:
-                    copy_range(sfd, dst_fd, *run, mode)
+                    copy(*run)
                 run = [s, d, e.nbytes]
         if run:
-            copy_range(sfd, dst_fd, *run, mode)
+            copy(*run)
     size = base + sum(e.nbytes for e, _ in layout)
     if os.fstat(dst_fd).st_size != size:
         raise ShardWriteError(f"{header.path.name}: wrote {os.fstat(dst_fd).st_size} bytes, expected {size}")
     return size
 
 
-def _mapped(header, replace):
-    """The source mapped read-only when a producer needs tensor bytes (ShardData closes it)."""
-    if not replace:
+def _copy_mapped(sd: ShardData, dst_fd: int, src_off: int, dst_off: int, n: int) -> None:
+    """Copy a byte range whose source and destination offsets differ within a page: one write per
+    piece straight from the read-only map. copy_file_range then moves data through the page cache
+    at about 2.0 GB/s against 3.1 for these writes (the source and destination pages do not line up;
+    README, Performance)."""
+    mm = sd._mm
+    if mm is None or src_off + n > len(mm):
+        raise ShardWriteError(f"{sd.header.path.name}: source file ended early (changed while fixing?)")
+    with memoryview(mm) as whole:
+        for lo in range(0, n, COPY_PIECE):
+            k = min(COPY_PIECE, n - lo)
+            with whole[src_off + lo:src_off + lo + k] as piece:
+                write_all(dst_fd, piece, dst_off + lo)
+
+
+def _mapped(header, needed):
+    """The source mapped read-only when a producer needs tensor bytes or a range is copied from the
+    map (ShardData closes it)."""
+    if not needed:
         return contextlib.nullcontext()
     try:
         return ShardData(header)

@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .formats import Chain, QuantSpec, off_grid_count, quantize
+from .formats import Chain, QuantSpec
+from .kernels import GridStats
 from .state import FORMAT_UNKNOWN, STAGE_RE, QuantState, read_tensor, spec_from_attrs, weight_spec
 
 FORMATS = ("fp8", "int8", "int4", "nvfp4")
@@ -59,8 +60,10 @@ def spec_for_format(fmt: str, amax, shape) -> QuantSpec | None:
 class Resolver:
     """Format decisions for the weight quantizers of one checkpoint (cached inference)."""
 
-    def __init__(self, ckpt, state: QuantState, quant_format: str | None = None, device="cpu"):
+    def __init__(self, ckpt, state: QuantState, quant_format: str | None = None, device="cpu",
+                 workers: list | None = None):
         self.ckpt, self.state, self.device = ckpt, state, device
+        self.workers = workers or [str(device)]  # --jobs: where whole weights are tested (workers.devices)
         self.quant_format = quant_format.lower() if quant_format else None
         self._inferred: tuple | None = None
         self._variant: int | None = None
@@ -150,21 +153,27 @@ class Resolver:
         """A format every folded sibling agrees on (siblings: weights whose own leaked amax puts them
         exactly on some format's grid)."""
         if self._inferred is None:
-            agreed, folded = None, 0
+            todo = []  # (weight, format, spec) for every sibling with its own leaked amax
             for wname, parts in self.groups().items():
                 if len(parts) != 1 or parts[0].amax is None or parts[0].amax_where == "vllm_fq_modelopt_state.pth":
                     continue
-                w = self.read(wname)
-                if w is None or not bool(torch.isfinite(w).all()):
+                loc = self.ckpt.tensor(wname)
+                if loc is None:
                     continue
-                on = set()
-                for fmt in FORMATS:
-                    spec = spec_for_format(fmt, parts[0].amax, tuple(w.shape))
-                    if spec is not None and not off_grid_count(w, spec, self.device):
-                        on.add(fmt)
-                if on:
+                todo += [(wname, fmt, spec) for fmt in FORMATS
+                         for spec in [spec_for_format(fmt, parts[0].amax, tuple(loc[1].shape))] if spec is not None]
+            stats = self.grid_many([(w, spec) for w, _, spec in todo])
+            on: dict[str, set] = {}
+            for (wname, fmt, _), g in zip(todo, stats):
+                if isinstance(g, GridStats) and not g.nonfinite:  # unreadable or NaN/Inf: no evidence
+                    on.setdefault(wname, set())
+                    if not g.off:
+                        on[wname].add(fmt)
+            agreed, folded = None, 0
+            for fmts in on.values():
+                if fmts:
                     folded += 1
-                    agreed = on if agreed is None else agreed & on
+                    agreed = fmts if agreed is None else agreed & fmts
             fmt = next((f for f in COARSE_FIRST if f in agreed), None) if agreed else None
             self._inferred = (f"inferred from {folded} folded weight(s)", fmt)
         return self._inferred
@@ -178,21 +187,101 @@ class Resolver:
             return 0
         if self._variant is None:
             self._variant = 0
+            sibs = []
             for wname, qs in self.groups().items():
                 if len(qs) != 1 or qs[0].amax is None or qs[0].amax_where == "vllm_fq_modelopt_state.pth":
                     continue
-                w = self.read(wname)
-                sib, _, _ = self.spec(wname, qs, tuple(w.shape)) if w is not None else (None, "", "")
-                if not isinstance(sib, QuantSpec) or sib.fmt != "fp8" or not bool(torch.isfinite(w).all()):
+                loc = self.ckpt.tensor(wname)
+                sib, _, _ = self.spec(wname, qs, tuple(loc[1].shape)) if loc is not None else (None, "", "")
+                if isinstance(sib, QuantSpec) and sib.fmt == "fp8":
+                    sibs.append((wname, sib))
+            # variant masks (bit v: FP8 form v reproduces the element), one pass per sibling, shared
+            # with the grid test of the same weight
+            for g in self.grid_many(sibs):
+                if not isinstance(g, GridStats) or g.nonfinite:
                     continue
-                x = w.to(self.device).to(torch.float32)
-                miss = [quantize(x, sib, v).to(w.dtype) != w.to(self.device) for v in (0, 1)]
-                if bool((miss[0] | miss[1]).all()):
-                    continue  # a raw weight: no evidence
-                if bool((miss[0] & ~miss[1]).any()) != bool((miss[1] & ~miss[0]).any()):
-                    self._variant = 1 if bool((miss[0] & ~miss[1]).any()) else 0
+                if 3 not in g.masks:
+                    continue  # no element both forms reproduce: a raw weight, no evidence
+                only_cpu, only_cuda = 2 in g.masks, 1 in g.masks
+                if only_cpu != only_cuda:
+                    self._variant = 1 if only_cpu else 0
                     break
         return self._variant
+
+    # ---- the grid test of whole weights: one pass each, memoised per checkpoint, spread over --jobs
+
+    def grid(self, wname: str, spec):
+        """GridStats of the stored weight under `spec`; None when it cannot be read; the ValueError
+        when the spec does not fit it (amax shape)."""
+        return self.grid_many([(wname, spec)])[0]
+
+    def grid_many(self, todo: list) -> list:
+        """grid() for [(weight, spec)], the missing ones computed by the workers (whole weights, in
+        file order), each once per checkpoint (the lint, the fix's evidence and the re-fold's FP8
+        form all ask). A fix's re-lint takes a weight whose bytes the fix copied verbatim from the
+        first lint's memo (fqcheck.carry)."""
+        from .kernels import spec_key
+        memo = self.ckpt.once("qnt.grid", dict)
+        keys, need = [], {}
+        for wname, spec in todo:
+            loc = self.ckpt.tensor(wname)
+            key = (loc[0] if loc else None, wname, spec_key(spec))
+            keys.append(key)
+            if key in memo or key in need:
+                continue
+            carried = self._carried(key)
+            if carried is not None:
+                memo[key] = carried
+            else:
+                need[key] = (loc, spec)
+        if need:
+            order = sorted(need, key=lambda k: (k[0] or "", need[k][0][1].begin if need[k][0] else 0))
+            from ..workers import spread
+            results = spread(lambda k, dev: self._grid_one(need[k], dev), order, self.workers)
+            by_tensor = self.ckpt.once("qnt.grid.by_tensor", dict)  # the TEN pass reads NaN/Inf, zeros here
+            for k, g in zip(order, results):
+                memo[k] = g
+                if isinstance(g, GridStats):
+                    by_tensor[(k[0], k[1])] = g
+        return [memo[k] for k in keys]
+
+    def _grid_one(self, item, device):
+        from .kernels import grid_stats
+        loc, spec = item
+        w = self.view(loc) if loc is not None else None
+        if w is None:
+            return None
+        try:
+            return grid_stats(w, spec, device)
+        except ValueError as e:  # the amax does not fit the weight: the caller says so
+            return e
+
+    def _carried(self, key):
+        carry = getattr(self.ckpt, "carry", None)
+        src = carry.source(key[0], key[1]) if carry is not None and key[0] else None
+        if src is None:
+            return None
+        src_ckpt, src_file = src
+        return src_ckpt.once("qnt.grid", dict).get((src_file, key[1], key[2]))
+
+    def view(self, loc):
+        """A read-only CPU tensor over the stored weight's bytes in the mapped file (no copy), or None
+        when unreadable. The mapping lives as long as the tensor."""
+        from ..checkpoint.data import ShardData
+        from .state import _clean_header, tensor_over
+        fname, entry = loc
+        h = self.ckpt.header(fname)
+        if not _clean_header(h) or not entry.nbytes or entry.dtype not in ("F32", "F16", "BF16"):
+            return None
+        sd = ShardData(h)
+        try:
+            raw = sd.view(entry)
+        except ValueError:
+            sd.close()
+            return None
+        w = tensor_over(raw, entry.dtype)  # the grid test only reads it
+        sd.close()  # the map itself stays until the tensor over it is collected
+        return w.reshape(entry.shape)
 
     def read(self, wname: str):
         """The stored weight as a CPU tensor, or None when absent or unreadable."""

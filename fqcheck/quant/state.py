@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -100,6 +101,19 @@ def _torch():
     return torch
 
 
+_WARN_LOCK = threading.Lock()
+
+
+def tensor_over(raw, st_dtype: str):
+    """A flat CPU tensor over a read-only buffer (a mapped file), no copy; never written. torch warns
+    about read-only buffers: the warning is silenced under a lock, since warnings.catch_warnings is
+    not thread-safe and the --jobs workers create these side by side."""
+    torch = _torch()
+    with _WARN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.frombuffer(raw, dtype=getattr(torch, ST_TORCH_DTYPES[st_dtype]))
+
+
 def read_tensor(shard, entry):
     """A CPU torch tensor over one safetensors entry (copied; callers hold one tensor at a time)."""
     torch = _torch()
@@ -158,25 +172,17 @@ def _normalize_cfg(quant_cfg) -> list:
     return out
 
 
-def _pickle_scan_refuses(path) -> str | None:
-    """Ask the PKL001 scanner (fqcheck/checkpoint/pickle_scan.py, when present) about the file."""
+def _pickle_scan_refuses(ckpt, name: str) -> str | None:
+    """Ask the PKL001 scanner about the file (its scan is shared with the PKL rule: one per run)."""
+    from ..checkpoint.pickle_scan import scan_cached
     try:
-        from ..checkpoint import pickle_scan  # type: ignore[attr-defined]
-    except ImportError:
-        return None  # torch.load(weights_only=True) still refuses any non-allowlisted global
-    for fn_name in ("scan_file", "scan", "scan_pickle"):
-        fn = getattr(pickle_scan, fn_name, None)
-        if fn is None:
-            continue
-        try:
-            res = fn(path)
-        except Exception as e:  # noqa: BLE001 - an unreadable pickle is a finding, not a crash
-            return f"pickle scan failed: {e}"
-        bad = getattr(res, "problems", res)
-        if bad:
-            first = bad[0] if isinstance(bad, (list, tuple)) else bad
-            return f"pickle scan refused it: {getattr(first, 'message', first)}"
-        return None
+        res = scan_cached(ckpt, name)
+    except Exception as e:  # noqa: BLE001 - an unreadable pickle is a finding, not a crash
+        return f"pickle scan failed: {e}"
+    bad = res.problems
+    if bad:
+        first = bad[0]
+        return f"pickle scan refused it: {getattr(first, 'message', first)}"
     return None
 
 
@@ -184,7 +190,7 @@ def load_state_file(ckpt, state: QuantState) -> None:
     if STATE_NAME not in ckpt.names:
         return
     path = ckpt.path(STATE_NAME)
-    why = _pickle_scan_refuses(path)
+    why = _pickle_scan_refuses(ckpt, STATE_NAME)
     if why:
         state.problems.append((STATE_NAME, None, f"{STATE_NAME} not loaded: {why}"))
         return
@@ -227,7 +233,12 @@ def load_state_file(ckpt, state: QuantState) -> None:
 
 def load_state(ckpt) -> QuantState:
     """Everything known about quantizers: the state file, then leaked buffers (which win: they are
-    what was live in the model when its weights were saved)."""
+    what was live in the model when its weights were saved). Loaded once per Checkpoint (QNT002,
+    QNT003 and the fix's evidence all ask); callers only read it."""
+    return ckpt.once("quant.state", lambda: _load_state(ckpt))
+
+
+def _load_state(ckpt) -> QuantState:
     from ..checkpoint.data import ShardData
     state = QuantState()
     load_state_file(ckpt, state)
