@@ -1,6 +1,7 @@
 """quant.kernels.fold_fast / off_grid_count_fast: formats.fold and formats.off_grid_count bit for
 bit, on the CPU (lookup table, row chunks) and on the GPU (Triton passes, staged pipeline)."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -137,7 +138,8 @@ def test_cuda_fold_fast_reads_a_read_only_mapped_source(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"\0" * 6 + w.view(torch.uint8).numpy().tobytes())  # misaligned start
     with open(tmp_path / "w.bin", "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    with pytest.warns(UserWarning):  # torch: a buffer it may not write
+    with warnings.catch_warnings():  # torch warns once per process that it may not write the buffer
+        warnings.simplefilter("ignore", UserWarning)
         mapped = torch.frombuffer(mm, dtype=torch.uint8)[6:].view(torch.bfloat16).reshape(w.shape)
     for spec in (QuantSpec("fp8", w.float().abs().amax(1, keepdim=True)), QuantSpec("mxfp4", None, block_size=32)):
         _same(fold_fast(mapped, spec, "cuda"), fold(w, spec, "cpu"), spec.name)
