@@ -92,3 +92,42 @@ def move(src: Path, dst: Path) -> None:
 
 def link_temp(dst: Path) -> Path:
     return dst.with_name(f"{TMP_PREFIX}link.{dst.name}")
+
+
+class Syncs:
+    """fsync + close of written files on one background thread, so that the disk writes one file
+    while the next is written; wait() before anything relies on them (it raises the first error).
+    `after`: called after each file's fsync and close (the crash tests' fault point)."""
+
+    def __init__(self, after=None):
+        self._after = after
+        self._pool = None
+        self._pending: list = []
+
+    def finish(self, fd: int) -> None:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fqcheck-fsync")
+        self._pending.append(self._pool.submit(self._sync_close, fd))
+
+    def _sync_close(self, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self._after is not None:
+            self._after()
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        error = None
+        for f in pending:
+            try:
+                f.result()
+            except OSError as e:
+                error = error or e
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        if error is not None:
+            raise error

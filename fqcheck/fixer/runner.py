@@ -12,7 +12,7 @@ from typing import Iterable
 from ..carry import Carry, fstamp, stamp
 from ..checkpoint import BACKUP_DIR, Checkpoint, CheckpointError
 from ..options import Options
-from .durable import create_new, fsync_dir, write_all
+from .durable import Syncs, create_new, fsync_dir, write_all
 from .errors import FixError, FixRefused
 from .lock import Lock
 from .recovery import pending, recover
@@ -291,42 +291,6 @@ def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None, workers=(), c
             raise FixError(f"{e.filename or out}: {e.strerror or e}; no output written") from e
         raise
     return plan.files_written()
-
-
-class Syncs:
-    """fsync + close of written files on one background thread, so that the disk writes one file
-    while the next is copied (as Transaction does in place); wait() before anything relies on them."""
-
-    def __init__(self):
-        self._pool = None
-        self._pending: list = []
-
-    def finish(self, fd: int) -> None:
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fqcheck-fsync")
-        self._pending.append(self._pool.submit(_fsync_close, fd))
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, []
-        error = None
-        for f in pending:
-            try:
-                f.result()
-            except OSError as e:
-                error = error or e
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        if error is not None:
-            raise error
-
-
-def _fsync_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def restore(path: str | os.PathLike) -> tuple[str, list[str]]:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..checkpoint import BACKUP_DIR
-from .durable import TMP_PREFIX, create_new, fsync_dir, link_temp, move, temp_name, write_all, write_durable
+from .durable import TMP_PREFIX, Syncs, create_new, fsync_dir, link_temp, move, temp_name, write_all, write_durable
 from .fault import fault
 from .errors import FixError, StateError
 from .journal import MANIFEST, drop_journal, real_subdir, write_journal
@@ -69,8 +69,7 @@ class Transaction:
         self.label = label
         self.temps: list[Path] = []
         self.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self._syncs: list = []  # pending fsyncs: they overlap the writing of the next file
-        self._pool = None
+        self._syncs = Syncs(after=lambda: fault("after-fsync"))  # they overlap the writing of the next file
 
     def new_file(self, name: str) -> tuple[int, str]:
         """Open a fresh temp file that will replace (or create) `name`; returns (fd, temp name)."""
@@ -84,24 +83,7 @@ class Transaction:
     def finish_file(self, fd: int) -> None:
         """Hand a written temp file to the background fsync (done before the journal is written)."""
         fault("after-temp-write")
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fqcheck-fsync")
-        self._syncs.append(self._pool.submit(_fsync_close, fd))
-
-    def _wait_syncs(self) -> None:
-        syncs, self._syncs = self._syncs, []
-        error = None
-        for f in syncs:
-            try:
-                f.result()
-            except OSError as e:
-                error = error or e
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        if error is not None:
-            raise error
+        self._syncs.finish(fd)
 
     def write_file(self, name: str, data: bytes) -> None:
         fd, _ = self.new_file(name)
@@ -128,7 +110,7 @@ class Transaction:
         everything is removed; after it, the journal is rolled back in-process (or by the next run)."""
         j = self.journal("prepared")
         try:
-            self._wait_syncs()  # every new file is durable before the journal names it
+            self._syncs.wait()  # every new file is durable before the journal names it
             make_dirs(self.root, self.stash)
             fsync_dir(self.root)
             write_journal(self.root, j)
@@ -153,7 +135,7 @@ class Transaction:
     def abort(self) -> None:
         """Before commit: remove the temp files and the stash; the directory is untouched."""
         try:
-            self._wait_syncs()
+            self._syncs.wait()
         except OSError:
             pass
         for p in self.temps:
@@ -165,14 +147,6 @@ class Transaction:
             shutil.rmtree(self.root / self.stash, ignore_errors=True)
         drop_journal(self.root)
         prune(self.root)
-
-
-def _fsync_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fault("after-fsync")
 
 
 def _forward_op(root: Path, stash: Path, op: dict) -> None:
