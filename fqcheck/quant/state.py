@@ -123,10 +123,7 @@ def read_tensor(shard, entry):
     raw = shard.view(entry)
     if not len(raw):
         return torch.empty(entry.shape, dtype=getattr(torch, dt))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only mmap buffer: we copy before any write
-        t = torch.frombuffer(raw, dtype=getattr(torch, dt))
-    return t.reshape(entry.shape).clone()
+    return tensor_over(raw, entry.dtype).reshape(entry.shape).clone()  # the copy: callers may write it
 
 
 def _clean_header(h) -> bool:
