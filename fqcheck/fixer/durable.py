@@ -29,6 +29,15 @@ def write_all(fd: int, data, off: int | None = None) -> None:
             off += k
 
 
+def write_or_close(fd: int, data) -> None:
+    """write_all, closing fd when it fails (on success the caller hands fd on to be synced)."""
+    try:
+        write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def create_new(path: Path, mode: int = 0o644) -> int:
     """Open a file that did not exist (O_EXCL: a planted file or link there is an error)."""
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)

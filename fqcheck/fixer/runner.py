@@ -12,7 +12,7 @@ from typing import Iterable
 from ..carry import Carry, fstamp, stamp
 from ..checkpoint import BACKUP_DIR, Checkpoint, CheckpointError
 from ..options import Options
-from .durable import Syncs, create_new, fsync_dir, write_all
+from .durable import Syncs, create_new, fsync_dir, write_or_close
 from .errors import FixError, FixRefused
 from .lock import Lock
 from .recovery import pending, recover
@@ -236,11 +236,7 @@ def _write_copy(ckpt, plan: Plan, out: Path, enabled: bool | None, workers=(), c
 
         def write_file(name, data):
             fd, _ = new_file(name)
-            try:
-                write_all(fd, data)
-            except BaseException:
-                os.close(fd)
-                raise
+            write_or_close(fd, data)
             syncs.finish(fd)
 
         from .shard import copy_range

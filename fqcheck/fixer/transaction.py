@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from ..checkpoint import BACKUP_DIR
-from .durable import TMP_PREFIX, Syncs, create_new, fsync_dir, link_temp, move, temp_name, write_all, write_durable
+from .durable import (TMP_PREFIX, Syncs, create_new, fsync_dir, link_temp, move, temp_name, write_durable,
+                      write_or_close)
 from .fault import fault
 from .errors import FixError, StateError
 from .journal import MANIFEST, drop_journal, real_subdir, write_journal
@@ -87,11 +88,7 @@ class Transaction:
 
     def write_file(self, name: str, data: bytes) -> None:
         fd, _ = self.new_file(name)
-        try:
-            write_all(fd, data)
-        except BaseException:
-            os.close(fd)
-            raise
+        write_or_close(fd, data)
         self.finish_file(fd)
 
     def bring(self, name: str, incoming: str) -> None:
