@@ -134,7 +134,7 @@ def _scan(ckpt: Checkpoint, chunk_bytes: int, progress: bool | None, workers: in
     total = sum(e.nbytes for _, h in shards for e in h.tensors.values() if e.dtype in FLOAT_BITS)
     bar = progress_bar("deep scan", total, progress)
     stats: dict[tuple[str, str], TensorStats] = {}
-    graded = ckpt.__dict__.get("_memo", {}).get("qnt.grid.by_tensor")  # weights QNT002 already read
+    graded = ckpt.memoized("qnt.grid.by_tensor")  # weights QNT002 already read
     try:
         for fname, header in shards:
             skip = _carried(ckpt, fname, header, stats)
@@ -160,7 +160,7 @@ def _carried(ckpt: Checkpoint, fname: str, header, stats: dict) -> set:
         if src is None:
             continue
         src_ckpt, src_file = src
-        memo = src_ckpt.__dict__.get("_memo", {}).get("deep.scan")
+        memo = src_ckpt.memoized("deep.scan")
         s = memo.stats.get((src_file, name)) if memo is not None else None
         if s is None:
             continue
@@ -248,7 +248,7 @@ def _scan_floats(np, sd: ShardData, entry: st.TensorEntry, s: TensorStats, chunk
 def _windows(sd: ShardData, entry: st.TensorEntry, chunk_bytes: int):
     """Yield memoryviews of at most chunk_bytes over one tensor; each window's pages are unmapped
     after use so resident memory stays bounded (the caller must release the view before resuming)."""
-    mm = sd._mm
+    mm = sd.mm
     start = sd.header.data_start + entry.begin
     stop = sd.header.data_start + entry.end
     for lo in range(start, stop, chunk_bytes):
@@ -274,7 +274,7 @@ def _fingerprint(sd: ShardData, entry: st.TensorEntry) -> bytes:
     h.update(entry.nbytes.to_bytes(8, "little"))
     n = entry.nbytes
     base = sd.header.data_start + entry.begin
-    mm = sd._mm
+    mm = sd.mm
     if n <= SAMPLES * SAMPLE_BYTES:
         if n:
             with memoryview(mm)[base:base + n] as mv:

@@ -58,6 +58,10 @@ class Checkpoint:
             memo[key] = make()
         return memo[key]
 
+    def memoized(self, key: str, default=None):
+        """What once(key, ...) computed on this Checkpoint, without computing it (default if not yet)."""
+        return self.__dict__.get("_memo", {}).get(key, default)
+
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
         p = Path(path)

@@ -7,27 +7,29 @@ from .safetensors import SafetensorsHeader, TensorEntry
 
 
 class ShardData:
-    """Maps one safetensors file read-only; `view(entry)` is a zero-copy slice of a tensor's bytes.
-    Only valid for headers without SFT001/SFT004 problems (offsets inside the file)."""
+    """Maps one safetensors file read-only; `view(entry)` is a zero-copy slice of a tensor's bytes,
+    `mm` the map itself (None for an empty file: the deep pass's windows and the writer's copies of
+    misaligned ranges read it). Only valid for headers without SFT001/SFT004 problems (offsets
+    inside the file)."""
 
     def __init__(self, header: SafetensorsHeader):
         self.header = header
         self._f = open(header.path, "rb")
-        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if header.file_size else None
+        self.mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if header.file_size else None
 
     def view(self, entry: TensorEntry) -> memoryview:
         start = self.header.data_start + entry.begin
         stop = self.header.data_start + entry.end
         if stop > self.header.file_size:
             raise ValueError(f"{entry.name}: data past the end of {self.header.path.name}")
-        if self._mm is None or start == stop:
+        if self.mm is None or start == stop:
             return memoryview(b"")
-        return memoryview(self._mm)[start:stop]
+        return memoryview(self.mm)[start:stop]
 
     def close(self) -> None:
-        if self._mm is not None:
+        if self.mm is not None:
             try:
-                self._mm.close()
+                self.mm.close()
             except BufferError:  # a view is still alive; the map closes when it is collected
                 pass
         self._f.close()

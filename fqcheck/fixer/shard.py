@@ -106,7 +106,7 @@ def _copy_mapped(sd: ShardData, dst_fd: int, src_off: int, dst_off: int, n: int)
     piece straight from the read-only map. copy_file_range then moves data through the page cache
     at about 2.0 GB/s against 3.1 for these writes (the source and destination pages do not line up;
     README, Performance)."""
-    mm = sd._mm
+    mm = sd.mm
     if mm is None or src_off + n > len(mm):
         raise ShardWriteError(f"{sd.header.path.name}: source file ended early (changed while fixing?)")
     with memoryview(mm) as whole:
