@@ -1,0 +1,64 @@
+"""The header path's column helpers (fqcheck.checkpoint.columns) and what the rules build on them
+agree with the plain per-entry definitions they stand in for."""
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fqcheck.checkpoint.columns import deal
+from fqcheck.checkpoint.safetensors import SafetensorsHeader, UNREADABLE, Problem
+from fqcheck.checks.idx import IndexView
+
+
+def test_deal_into_a_list_and_a_dict():
+    buckets = [[], [], []]
+    deal("abcde", [2, 0, 2, 1, 0], buckets)
+    assert buckets == [["b", "e"], ["d"], ["a", "c"]]
+    named = {"x": [], "y": []}
+    deal(["a", "b", "c"], ["y", "x", "y"], named)
+    assert named == {"x": ["b"], "y": ["a", "c"]}
+
+
+def _header(names, readable=True):
+    h = SafetensorsHeader(Path("s.safetensors"), 0)
+    h.names = list(names)
+    if not readable:
+        h.problems.append(Problem(UNREADABLE, "x"))
+    return h
+
+
+def _exact_per_entry(wm, readable) -> bool:
+    """IndexView.exact as first written: one lookup per stored name."""
+    if len(wm) != sum(len(h.names) for h in readable.values()):
+        return False
+    return all(list(map(wm.get, h.names)) == [f] * len(h.names) for f, h in readable.items())
+
+
+_shards = st.lists(st.lists(st.sampled_from([f"t{i}" for i in range(12)]), unique=True, max_size=6),
+                   min_size=1, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(shards=_shards, data=st.data())
+def test_exact_agrees_with_the_per_entry_definition(shards, data):
+    files = [f"m-{i}.safetensors" for i in range(len(shards))]
+    readable = [data.draw(st.booleans()) or i == 0 for i in range(len(files))]
+    v = IndexView(present=True)
+    v.shards = {f: _header(ns, ok) for f, ns, ok in zip(files, shards, readable)}
+    # an index that matches, then perturbed: entries moved, dropped, added, pointed at other files
+    pairs = [(t, f) for f, ns in zip(files, shards) for t in ns]
+    pairs = data.draw(st.permutations(pairs))
+    ops = data.draw(st.lists(st.tuples(st.sampled_from("move drop add elsewhere".split()),
+                                       st.integers(0, 20), st.sampled_from(files + ["gone.safetensors"])),
+                             max_size=2))
+    wm = dict(pairs)
+    for op, i, f in ops:
+        keys = list(wm)
+        if op == "add":
+            wm.setdefault(f"new{i}", f)
+        elif keys and op == "drop":
+            del wm[keys[i % len(keys)]]
+        elif keys:
+            wm[keys[i % len(keys)]] = f
+    v.weight_map = v.entries = wm
+    assert v.exact == _exact_per_entry(wm, v.readable)
