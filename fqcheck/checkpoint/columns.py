@@ -13,5 +13,8 @@ def deal(items, labels, buckets) -> None:
     """Append each of `items` to `buckets[label]`, label by label from `labels` (the same length):
     buckets is a list (labels are ints) or a dict. One C-level pass, no Python loop. Raises
     KeyError/IndexError for a label without a bucket (some items may already be dealt then)."""
-    appends = [b.append for b in buckets] if isinstance(buckets, list) else {k: b.append for k, b in buckets.items()}
-    deque(map(_call, map(appends.__getitem__, labels), items), maxlen=0)
+    if isinstance(buckets, list):  # the unbound list.append: no bound method to build and call through
+        deque(map(list.append, map(buckets.__getitem__, labels), items), maxlen=0)
+    else:
+        appends = {k: b.append for k, b in buckets.items()}
+        deque(map(_call, map(appends.__getitem__, labels), items), maxlen=0)

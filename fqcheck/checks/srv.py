@@ -7,12 +7,12 @@ The analysis works on groups of module names, never module by module: a DeepSeek
 dict step per name); formats are then checked per (suffix, kind) group with set operations."""
 from __future__ import annotations
 
-import operator
-from collections import defaultdict, deque
+from collections import defaultdict
 from operator import itemgetter
 from typing import Iterator
 
 from ..checkpoint import Checkpoint
+from ..checkpoint.columns import deal
 from ..checkpoint.safetensors import columns
 from ..engine import Context, Hit, check
 from ..fixer.edits import DropTensor
@@ -26,7 +26,6 @@ NO_PARAM = ("vLLM 0.33 has no parameter for it and raises ValueError: There is n
             "'{t}' (KeyError: '{t}' in models with their own load_weights)")
 CODES = ("SRV001", "SRV002", "SRV003", "SRV004", "SRV005", "SRV006", "SRV007", "SRV008")
 Kind = tuple  # (dtype, shape, nbytes), as the header columns hold it
-_call = getattr(operator, "call", lambda f, x: f(x))  # operator.call is Python 3.11+
 
 
 def _rule(code: str) -> None:
@@ -355,7 +354,7 @@ def _scan(ckpt: Checkpoint) -> dict[str, dict[Kind, list[str]]]:
         else:
             names, kinds, ids = cols[3], cols[4], cols[5]
         buckets: list[list[str]] = [[] for _ in kinds]
-        deque(map(_call, map([b.append for b in buckets].__getitem__, ids), names), maxlen=0)
+        deal(names, ids, buckets)
         for kind, b in zip(kinds, buckets):
             if not b:
                 continue
