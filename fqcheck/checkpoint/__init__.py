@@ -113,9 +113,18 @@ class Checkpoint:
     def allowed_roots(self) -> list[str]:
         return allowed_roots(self.root)
 
+    @cached_property
+    def listed(self) -> frozenset[str]:
+        """`names` as a set: files the folder listing showed to be regular files inside the
+        checkpoint, which need no further stat (an index names ~160 of them). Empty when one file
+        is linted: that file was named, not listed."""
+        return frozenset(self.names) if self._only is None else frozenset()
+
     def escape(self, rel: str) -> str | None:
         """Why `rel` (a path relative to the checkpoint, e.g. an index value) leads outside it,
         or None (also when it does not exist). Only lstat/readlink: the target is never opened."""
+        if rel in self.listed:
+            return None  # the listing already resolved it: a file here, or a link to one inside
         if rel.startswith(("/", "\\")) or rel[1:2] == ":":  # a Windows drive, as ntpath.splitdrive sees one
             return "is an absolute path"
         parts = re.split(r"[/\\]", rel)

@@ -135,7 +135,7 @@ def _build(ckpt: Checkpoint) -> IndexView:
         v.escapes.setdefault(name, f"is a link that resolves to {real}, outside the checkpoint directory")
     v.members = sorted(m for m in v.members if m not in v.escapes)
     for name in v.members:
-        why = _unreadable_path(os.path.join(ckpt.root, name))
+        why = None if name in ckpt.listed else _unreadable_path(os.path.join(ckpt.root, name))
         if why is None and not name.endswith(".safetensors"):
             why = NOT_SAFETENSORS  # e.g. config.json or pytorch_model.bin: never parsed as a shard
         if why:
