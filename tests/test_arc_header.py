@@ -188,3 +188,30 @@ def test_layers_past_num_hidden_layers_are_not_compared(bases, tmp_path):
         t["model.layers.4.eh_proj.weight"] = torch.ones(32, 64, dtype=torch.bfloat16)
     edit_shard(d, add_mtp)
     assert lint(d, select=["ARC"]).findings == []
+
+
+def test_experts_agree_reads_the_shard_texts_as_if_joined():
+    """_experts_agree counts over each shard's text as it would over their concatenation, wherever the
+    shards cut the experts (a cut can fall right before a line that starts with the first expert's prefix)."""
+    import random
+
+    from fqcheck.checks.arc_layers import _experts_agree
+
+    def joined_agree(text: str, cfg: dict) -> bool:  # the definition, over one text
+        import re
+        m = re.match(r"(.*\.experts\.\d+\.)(\S+)$", text[:text.index("\n")])
+        own = text.count("\n" + m.group(1)) + 1
+        layers = text.count(f".experts.0.{m.group(2)}\n")
+        return text.count("\n") == cfg["n_routed_experts"] * layers * own
+
+    rng = random.Random(0)
+    for _ in range(200):
+        experts, layers = rng.randint(1, 4), rng.randint(1, 3)
+        lines = [f"model.layers.{i}.mlp.experts.{e}.{p}.weight\n" for i in range(layers) for e in range(experts)
+                 for p in ("down_proj", "gate_proj")]
+        if rng.random() < 0.5:  # a tensor lost or one too many
+            lines.pop(rng.randrange(len(lines))) if rng.random() < 0.5 else lines.append(lines[0])
+        cuts = sorted(rng.sample(range(1, len(lines)), min(len(lines) - 1, rng.randint(0, 4))))
+        texts = ["".join(lines[a:b]) for a, b in zip([0, *cuts], [*cuts, len(lines)])]
+        cfg = {"n_routed_experts": experts}
+        assert _experts_agree(texts, cfg) == joined_agree("".join(texts), cfg)

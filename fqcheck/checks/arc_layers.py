@@ -107,8 +107,9 @@ def _top_against_config(ctx: _Context, top: dict[str, set], out: LayerFindings) 
             out.missing.append((name, f"every {ctx.cfg.get('model_type')} model has it"))
 
 
-def _split_experts(ckpt: Checkpoint) -> tuple[list, list, str]:
-    """(names that are not an expert's, their shapes, the expert names, each ending in a newline). A shard
+def _split_experts(ckpt: Checkpoint) -> tuple[list, list, list[str]]:
+    """(names that are not an expert's, their shapes, the expert names as texts of whole lines, a
+    shard's each, every name ending in a newline). A shard
     all experts or none is told by one str.count over its joined names; only shards that mix
     (one in three on a DeepSeek-R1) are split name by name."""
     names: list = []
@@ -127,22 +128,25 @@ def _split_experts(ckpt: Checkpoint) -> tuple[list, list, str]:
             keep = list(map(not_, mask))
             names += compress(h.names, keep)
             shapes += compress(h.shapes(), keep)
-    return names, shapes, "".join(experts)
+    return names, shapes, experts
 
 
-def _experts_agree(joined: str, cfg: dict) -> bool:
-    """Whether the expert tensors (98 % of a DeepSeek-R1's names), each ending in a newline, agree: there
+def _experts_agree(texts: list[str], cfg: dict) -> bool:
+    """Whether the expert tensors (98 % of a DeepSeek-R1's names; texts of whole lines, as
+    _split_experts gives them, read as if joined: not copied into one), agree: there
     are (declared experts) x (MoE layers) x (tensors the first stored expert has) of them, the MoE
     layers being those that store expert 0. Three str.count scans, at C speed; when they do not agree
     the experts are compared name by name. What this misses (an expert's shape, a tensor too many in
     one place and too few in another, a layer whose experts are all gone) --arch finds."""
     declared = next((cfg[k] for k in EXPERT_KEYS if _int(cfg, k)), None)
-    m = _FIRST_EXPERT.match(joined[:joined.index("\n")])
+    m = _FIRST_EXPERT.match(texts[0][:texts[0].index("\n")])
     if declared is None or m is None:
         return False  # no declared count, or fused experts (experts.gate_up_proj): few names
-    own = joined.count("\n" + m.group(1)) + 1  # the first expert's tensors (it starts the text)
-    layers = joined.count(f".experts.0.{m.group(2)}\n")
-    return joined.count("\n") == declared * layers * own
+    first, line = m.group(1), f".experts.0.{m.group(2)}\n"
+    # the first expert's tensors: the lines that start with its prefix (it starts the first text)
+    own = sum(t.count("\n" + first) + t.startswith(first) for t in texts)
+    layers = sum(t.count(line) for t in texts)
+    return sum(t.count("\n") for t in texts) == declared * layers * own
 
 
 _FIRST_EXPERT = re.compile(r"(.*\.experts\.\d+\.)(\S+)$")
