@@ -7,7 +7,9 @@ page-locked tensor that the fix writer writes to the output file as it is. On th
 reaches about a third of the pinned round trip: the host copy out of pageable memory shares the
 host's memory bus with both DMA directions (README, Performance).
 (Splitting one weight's pieces over two GPUs, a host thread each, ran 12 GB/s against 28-31 on
-one GPU on an H200 pair: README, Performance.)
+one GPU on an H200 pair; page-locking the source in place with cuMemHostRegister instead of
+copying it ran no faster, 21-32 % against 23-34 % in the same runs, since the driver locks one range
+at a time and an unlock waits for running copies: README, Performance.)
 """
 from __future__ import annotations
 
