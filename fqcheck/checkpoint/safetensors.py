@@ -364,24 +364,31 @@ def _parse_fast(hdr: SafetensorsHeader, obj: dict, raw: bytes) -> bool:
     # with a few dozen kinds. msgspec has already typed every dim and offset as an int.
     if names:
         infos = list(obj.values())
-        dtypes = list(map(_get_dtype, infos))
         pairs = list(map(_get_offsets, infos))
         # Each entry's kind, as the position of its first entry (one hash per entry).
-        where = list(map(first.setdefault, zip(dtypes, map(_get_shape, infos)), count()))
+        where = list(map(first.setdefault, zip(map(_get_dtype, infos), map(_get_shape, infos)), count()))
         sizes = _kind_bytes(first)
         if sizes is None:
             return False  # a kind _kind_bytes cannot vouch for: the slow path names the problem
-        flat = list(chain.from_iterable(pairs))
-        begins = flat[0::2]
-        ends = flat[1::2]
         number = dict(zip(first.values(), count()))  # first position -> kind number
         ids = (bytes if len(sizes) < 256 else list)(map(number.__getitem__, where))
-        if list(map(sizes.__getitem__, ids)) != list(map(sub, ends, begins)):
-            return False  # equal, they also prove begin < end
-        contiguous = begins[0] == 0 and begins[1:] == ends[:-1]  # then begins rise from 0
-        if not (ends[-1] < _U64_LIMIT if contiguous else min(begins) >= 0 and max(ends) < _U64_LIMIT):
-            return False
-        offsets = None if contiguous else (begins, ends)  # contiguous: the sizes say it all
+        ends = list(accumulate(map(sizes.__getitem__, ids)))
+        # The usual layout, contiguous from 0 in name order with each entry its kind's size, is one
+        # comparison with the pairs it implies; any other layout is checked column by column.
+        if pairs == list(zip(chain((0,), ends), ends)):
+            if ends[-1] >= _U64_LIMIT:
+                return False
+            offsets = None  # the sizes say it all
+        else:
+            flat = list(chain.from_iterable(pairs))
+            begins = flat[0::2]
+            ends = flat[1::2]
+            if list(map(sizes.__getitem__, ids)) != list(map(sub, ends, begins)):
+                return False  # equal, they also prove begin < end
+            contiguous = begins[0] == 0 and begins[1:] == ends[:-1]  # then begins rise from 0
+            if not (ends[-1] < _U64_LIMIT if contiguous else min(begins) >= 0 and max(ends) < _U64_LIMIT):
+                return False
+            offsets = None if contiguous else (begins, ends)  # contiguous: the sizes say it all
     extra = raw.count(b":") - keys - 3 * len(names)
     if extra:  # colons inside strings, or duplicate keys: count the former exactly
         colons += sum(map(str.count, names, repeat(":")))
