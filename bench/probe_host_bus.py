@@ -28,6 +28,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from bench_refold import pinned_roundtrip  # this folder: run as python3 bench/probe_host_bus.py
 
 PAGE = mmap.PAGESIZE
 
@@ -92,16 +93,7 @@ def main() -> None:
     anon = aligned(torch.ones(n + PAGE, dtype=torch.uint8), n)
     file, keep = mapped(n)
     s_in, s_out = torch.cuda.Stream(), torch.cuda.Stream()
-
-    def roundtrip(src=pinned) -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.cuda.stream(s_in):
-            gpu.copy_(src, non_blocking=True)
-        with torch.cuda.stream(s_out):
-            back.copy_(gpu, non_blocking=True)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    roundtrip = pinned_roundtrip([anon], "cuda")  # bench_refold's limit, over n bytes
 
     def h2d(src) -> float:
         torch.cuda.synchronize()
