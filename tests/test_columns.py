@@ -62,3 +62,30 @@ def test_exact_agrees_with_the_per_entry_definition(shards, data):
             wm[keys[i % len(keys)]] = f
     v.weight_map = v.entries = wm
     assert v.exact == _exact_per_entry(wm, v.readable)
+
+
+def _dtype_bytes_per_entry(names, kinds, ids, dtypes, skip) -> dict:
+    out: dict = {}
+    for name, i in zip(names, ids):
+        dtype, _, size = kinds[i]
+        if (dtypes is None or dtype in dtypes) and not name.endswith(skip):
+            out[dtype] = out.get(dtype, 0) + size
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), many=st.booleans())
+def test_dtype_bytes_agrees_with_the_per_entry_definition(data, many):
+    """CFG003's count: the kinds counted by bytes.count and the suffixed names by one pass over the
+    counted kinds' names, whether the kind numbers are bytes or (past 255 kinds) a list."""
+    n_kinds = data.draw(st.integers(256, 300) if many else st.integers(1, 6))
+    kinds = [(data.draw(st.sampled_from(["BF16", "F32", "F8_E4M3", "I32"])), (k + 1,), k + 1) for k in range(n_kinds)]
+    names = data.draw(st.lists(st.text("ab_.2\n", max_size=6).map(lambda t: "x" + t), unique=True, max_size=40))
+    ids = [data.draw(st.integers(0, n_kinds - 1)) for _ in names]
+    h = SafetensorsHeader(Path("s.safetensors"), 0)
+    h.names = names
+    h._columns = (kinds, ids if many else bytes(ids), None)
+    for dtypes in (None, {"F32", "BF16"}, set()):
+        for skip in ((), ("_scale", "a"), ("b", "ab", "_.2"), ("",)):
+            assert h.dtype_bytes(dtypes, skip) == _dtype_bytes_per_entry(names, kinds, ids, dtypes, skip)
+

@@ -125,10 +125,18 @@ class SafetensorsHeader:
         skipped: dict[int, int] = {}
         if skip_suffixes and counts:
             names, kind_ids = self.names, ids
-            if len(counts) < len(kinds):  # the names of counted kinds only
-                mask = list(map(wanted.__getitem__, ids))
-                names, kind_ids = compress(names, mask), compress(ids, mask)
-            skipped = Counter(compress(kind_ids, map(str.endswith, names, repeat(skip_suffixes))))
+            if type(ids) is bytes:
+                if len(counts) < len(kinds):  # the names of counted kinds only: mask and ids by bytes.translate
+                    names = compress(names, ids.translate(bytes(wanted).ljust(256, b"\0")))
+                    kind_ids = ids.translate(None, bytes(i for i, w in enumerate(wanted) if not w))
+                # the kind numbers of the names that end in a suffix, as bytes: one bytes.count per kind
+                hits = bytes(compress(kind_ids, map(str.endswith, names, repeat(skip_suffixes))))
+                skipped = {i: hits.count(i) for i in counts}
+            else:
+                if len(counts) < len(kinds):  # the names of counted kinds only
+                    mask = list(map(wanted.__getitem__, ids))
+                    names, kind_ids = compress(names, mask), compress(ids, mask)
+                skipped = Counter(compress(kind_ids, map(str.endswith, names, repeat(skip_suffixes))))
         for i, n in counts.items():
             n -= skipped.get(i, 0)
             if n:
