@@ -90,6 +90,23 @@ def test_dtype_bytes_agrees_with_the_per_entry_definition(data, many):
             assert h.dtype_bytes(dtypes, skip) == _dtype_bytes_per_entry(names, kinds, ids, dtypes, skip)
 
 
+def test_newline_free_is_read_from_the_header_and_carried(tmp_path):
+    """newline_free: True only where the header's JSON holds no escape (so no name a newline), and it
+    crosses the fork's pipe (columns / from_columns) with the header."""
+    import json
+    import struct
+
+    from fqcheck.checkpoint.safetensors import columns, from_columns, read_header
+    for name, free in (("a.weight", True), ("a\nb", False), ("a\\b", False), ("\u00e9", True)):
+        hb = json.dumps({"__metadata__": {"format": "pt"}, name: {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}},
+                        ensure_ascii=False).encode()
+        p = tmp_path / "x.safetensors"
+        p.write_bytes(struct.pack("<Q", len(hb)) + hb + b"\0")
+        h = read_header(p)
+        assert h.names == [name] and h.newline_free is free
+        assert from_columns(p, columns(h)).newline_free is free
+
+
 def _mismatch_by_definition(headers, declared):
     """CFG003 as first written: every header's exact counts, scales left out, then the largest."""
     from fqcheck.checks.cfg import CONFIG_DTYPES, SCALE_SUFFIXES, WEIGHT_DTYPES
