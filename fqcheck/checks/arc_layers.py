@@ -161,10 +161,10 @@ class _Experts:
 
 def _experts_agree(texts: list[str], cfg: dict, lines: int | None = None, first: str | None = None) -> bool:
     """Whether the expert tensors (98 % of a DeepSeek-R1's names; texts of whole lines, as
-    _split_experts gives them, read as if joined: not copied into one), agree: there
+    _split_experts gives them, read as if joined), agree: there
     are (declared experts) x (MoE layers) x (tensors the first stored expert has) of them, the MoE
-    layers being those that store expert 0. Two str.count scans, at C speed (the number of expert
-    lines is `lines`, by default every line of the texts; the first expert's line is `first`'s
+    layers being those that store expert 0. Two str.count scans of the texts joined, at C speed (the
+    number of expert lines is `lines`, by default every line of the texts; the first expert's line is `first`'s
     first line, by default the texts' first line); when they do not agree the experts are compared
     name by name. The texts may hold other lines too, as long as none holds ".experts.": those can
     hold neither the first expert's prefix nor an expert-0 line end. What this misses (an expert's
@@ -175,14 +175,17 @@ def _experts_agree(texts: list[str], cfg: dict, lines: int | None = None, first:
     if declared is None or m is None:
         return False  # no declared count, or fused experts (experts.gate_up_proj): few names
     first, line = m.group(1), f".experts.0.{m.group(2)}\n"
+    # One text, copied (~0.1 ms for 4.7 MB): CPython 3.10+ counts a pattern of under 100 characters
+    # by its two-way search only in a text of 30,000 characters or more, by a plain scan below, and a
+    # DeepSeek-R1 shard's names are ~29,500: the two counts take 2.5 against 5.5 ms shard by shard.
+    text = "".join(texts)
     if lines is None:
-        lines = sum(t.count("\n") for t in texts)
+        lines = text.count("\n")
     # the first expert's tensors: the lines that start with its prefix
-    own = sum(t.count("\n" + first) + t.startswith(first) for t in texts)
+    own = text.count("\n" + first) + text.startswith(first)
     if not own or lines % (declared * own):
         return False  # no number of expert-0 lines makes up the count: the last scan is not needed
-    layers = sum(t.count(line) for t in texts)
-    return lines == declared * layers * own
+    return lines == declared * text.count(line) * own
 
 
 _FIRST_EXPERT = re.compile(r"(.*\.experts\.\d+\.)(\S+)$")
