@@ -215,3 +215,128 @@ def test_experts_agree_reads_the_shard_texts_as_if_joined():
         texts = ["".join(lines[a:b]) for a, b in zip([0, *cuts], [*cuts, len(lines)])]
         cfg = {"n_routed_experts": experts}
         assert _experts_agree(texts, cfg) == joined_agree("".join(texts), cfg)
+
+
+# --- the fast split of the expert tensors against the name-by-name definition it stands in for ---
+
+def _split_by_name(ckpt):
+    """_split_experts and _experts_agree's inputs as first written: a shard all experts by its count
+    (n == len(names) and the first name an expert's), else every name tested; a mixed shard's experts
+    copied into their own text."""
+    from itertools import compress
+    names, shapes, texts = [], [], []
+    for h in ckpt.headers().values():
+        n = h.joined.count(".experts.")
+        if n == 0:
+            names += h.names
+            shapes += h.shapes()
+        elif n == len(h.names) and ".experts." in h.names[0]:
+            texts.append(h.joined)
+        else:
+            mask = [".experts." in x for x in h.names]
+            texts.append("\n".join(compress(h.names, mask)) + "\n")
+            names += compress(h.names, [not m for m in mask])
+            shapes += compress(h.shapes(), [not m for m in mask])
+    return names, shapes, texts
+
+
+def _agree_by_definition(texts, cfg) -> bool:
+    import re
+    from fqcheck.checks.arc_layers import EXPERT_KEYS, _int
+    declared = next((cfg[k] for k in EXPERT_KEYS if _int(cfg, k)), None)
+    m = re.match(r"(.*\.experts\.\d+\.)(\S+)$", texts[0][:texts[0].index("\n")])
+    if declared is None or m is None:
+        return False
+    first, line = m.group(1), f".experts.0.{m.group(2)}\n"
+    own = sum(t.count("\n" + first) + t.startswith(first) for t in texts)
+    layers = sum(t.count(line) for t in texts)
+    return sum(t.count("\n") for t in texts) == declared * layers * own
+
+
+class _Shards:
+    def __init__(self, headers):
+        self._h = headers
+
+    def headers(self):
+        return self._h
+
+
+def _columns_header(names, kinds_of, newline_free):
+    """A header as the fast path leaves it: names and, per name, a kind number into (dtype, shape)."""
+    from fqcheck.checkpoint.safetensors import SafetensorsHeader
+    h = SafetensorsHeader(Path("m.safetensors"), 0)
+    h.names = list(names)
+    kinds = sorted(set(kinds_of))
+    h._columns = ([("BF16", (k + 1,), 2 * (k + 1)) for k in kinds], bytes(map(kinds.index, kinds_of)), None)
+    h.newline_free = newline_free
+    return h
+
+
+_ODD = ["model.layers.1.mlp.gate.weight", "model.layers.1.mlp.shared_experts.up_proj.weight", "lm_head.weight",
+        "a.experts.b.experts.c", "x.experts.0.experts.1.w", "p\nmodel.layers.1.mlp.experts.0.down_proj.weight",
+        "model.layers.1.mlp.experts.0.down_proj.weight\nq", "r\ns", "model.layers.1.mlp.experts.0.",
+        "model.layers.2.mlp.experts.0.down_proj.weight", "model.layers.1.mlp.experts.0.gate_proj.weight"]
+
+
+def _layout(data):
+    from hypothesis import strategies as st
+    experts, layers = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    leaves = data.draw(st.lists(st.sampled_from(["down_proj.weight", "gate_proj.weight", "up_proj.bias"]),
+                                min_size=1, max_size=3, unique=True))
+    names = [f"model.layers.{i}.mlp.experts.{e}.{leaf}" for i in range(1, layers + 1) for e in range(experts)
+             for leaf in leaves]
+    names += [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(layers + 1)]
+    for op in data.draw(st.lists(st.tuples(st.sampled_from(["add", "drop", "dup"]), st.integers(0, 99)), max_size=3)):
+        if op[0] == "add":
+            names.append(_ODD[op[1] % len(_ODD)])
+        elif op[0] == "drop" and names:
+            names.pop(op[1] % len(names))
+        elif names:
+            names.append(names[op[1] % len(names)] + ".x")
+    names = list(dict.fromkeys(data.draw(st.permutations(names))))  # in any header order, each once
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(names)), max_size=4)))
+    shards = [names[a:b] for a, b in zip([0, *cuts], [*cuts, len(names)])]
+    headers = {}
+    for j, ns in enumerate(shards):
+        kinds_of = [data.draw(st.integers(0, 3)) for _ in ns]
+        free = not any("\n" in x for x in ns) and data.draw(st.booleans())  # the reader's promise, or unknown
+        headers[f"m-{j}.safetensors"] = _columns_header(ns, kinds_of, free)
+    return _Shards(headers), {"num_experts": experts}
+
+
+def test_split_experts_agrees_with_the_name_by_name_definition():
+    """Whatever the shards mix and in whatever order, with names that hold '.experts.' twice or a
+    newline: the same other names and shapes, and the same verdict on the experts."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from fqcheck.checks.arc_layers import _experts_agree, _split_experts
+
+    @settings(max_examples=600, deadline=None)
+    @given(data=st.data())
+    def check(data):
+        ckpt, cfg = _layout(data)
+        names, shapes, texts = _split_by_name(ckpt)
+        got_names, got_shapes, experts = _split_experts(ckpt)
+        assert (got_names, got_shapes) == (names, shapes)
+        assert (experts is None) == (not texts)
+        if texts:
+            assert experts.lines == sum(t.count("\n") for t in texts)
+            assert _experts_agree(experts.texts, cfg, experts.lines, experts.first) == _agree_by_definition(texts, cfg)
+    check()
+
+
+def test_split_experts_agreeing_layouts_are_found():
+    """The property test above is no vacuous pass: regular layouts, cut anywhere, some mixed with other
+    names, agree both ways."""
+    from fqcheck.checks.arc_layers import _experts_agree, _split_experts
+    names = [f"model.layers.{i}.mlp.experts.{e}.{p}.weight" for i in (1, 2) for e in range(3) for p in ("up", "down")]
+    names[5:5] = ["model.layers.1.mlp.gate.weight", "model.layers.1.input_layernorm.weight"]
+    for cuts in ([], [3], [5, 7], [1, 6, 9]):
+        parts = [names[a:b] for a, b in zip([0, *cuts], [*cuts, len(names)])]
+        ckpt = _Shards({f"m-{j}": _columns_header(p, [0] * len(p), j % 2 == 0) for j, p in enumerate(parts)})
+        _, _, texts = _split_by_name(ckpt)
+        got = _split_experts(ckpt)
+        assert _agree_by_definition(texts, {"num_experts": 3})
+        assert _experts_agree(got[2].texts, {"num_experts": 3}, got[2].lines, got[2].first)
+        assert got[:2] == (["model.layers.1.mlp.gate.weight", "model.layers.1.input_layernorm.weight"], [(1,), (1,)])

@@ -39,6 +39,8 @@ def _read(data: bytes) -> SafetensorsHeader:
     assert isinstance(h, SafetensorsHeader)
     for p in h.problems:
         assert isinstance(p, sft.Problem) and p.kind in {*LOAD_BLOCKERS, sft.METADATA} and p.message
+    if h.newline_free:  # the reader's promise the header rules count lines on
+        assert not any("\n" in n for n in h.names)
     if h.readable:  # read_header's column-wise fast path must say exactly what the exact slow path says
         slow = SafetensorsHeader(h.path, h.file_size, h.data_start)
         sft._parse_slow(slow, data[8:h.data_start].decode("utf-8"))

@@ -77,6 +77,9 @@ class SafetensorsHeader:
         self.data_start = data_start  # absolute offset of the data buffer (8 + header length)
         self.metadata = metadata
         self.problems: list[Problem] = []
+        # True when no name can hold a newline: the header's JSON holds no escape at all (a raw
+        # control character is invalid JSON, which both parsers refuse). False: not known.
+        self.newline_free = False
         # Set by the fast path: (kinds, ids, offsets). kinds: [(dtype, shape, nbytes)]; ids: each
         # name's kind number (bytes, or a list past 255 kinds); offsets: None when the entries lie
         # contiguous from 0 in name order (the sizes then give them), else (begins, ends).
@@ -125,10 +128,18 @@ class SafetensorsHeader:
         skipped: dict[int, int] = {}
         if skip_suffixes and counts:
             names, kind_ids = self.names, ids
-            if len(counts) < len(kinds):  # the names of counted kinds only
-                mask = list(map(wanted.__getitem__, ids))
-                names, kind_ids = compress(names, mask), compress(ids, mask)
-            skipped = Counter(compress(kind_ids, map(str.endswith, names, repeat(skip_suffixes))))
+            if type(ids) is bytes:
+                if len(counts) < len(kinds):  # the names of counted kinds only: mask and ids by bytes.translate
+                    names = compress(names, ids.translate(bytes(wanted).ljust(256, b"\0")))
+                    kind_ids = ids.translate(None, bytes(i for i, w in enumerate(wanted) if not w))
+                # the kind numbers of the names that end in a suffix, as bytes: one bytes.count per kind
+                hits = bytes(compress(kind_ids, map(str.endswith, names, repeat(skip_suffixes))))
+                skipped = {i: hits.count(i) for i in counts}
+            else:
+                if len(counts) < len(kinds):  # the names of counted kinds only
+                    mask = list(map(wanted.__getitem__, ids))
+                    names, kind_ids = compress(names, mask), compress(ids, mask)
+                skipped = Counter(compress(kind_ids, map(str.endswith, names, repeat(skip_suffixes))))
         for i, n in counts.items():
             n -= skipped.get(i, 0)
             if n:
@@ -180,12 +191,14 @@ def columns(h: SafetensorsHeader) -> tuple | None:
     """A fast-path header as plain data (lists, tuples, bytes: what marshal carries), or None."""
     if h._columns is None:
         return None
-    return (h.file_size, h.data_start, h.metadata, h.names, *h._columns, [tuple(p) for p in h.problems])
+    return (h.file_size, h.data_start, h.metadata, h.names, *h._columns, [tuple(p) for p in h.problems],
+            h.newline_free)
 
 
 def from_columns(path: Path, cols: tuple) -> SafetensorsHeader:
-    size, data_start, metadata, names, kinds, ids, offsets, problems = cols
+    size, data_start, metadata, names, kinds, ids, offsets, problems, newline_free = cols
     h = SafetensorsHeader(path, size, data_start, metadata)
+    h.newline_free = newline_free
     h.names = names
     h._columns = (kinds, ids, offsets)
     h.problems = [Problem(*p) for p in problems]
@@ -236,7 +249,8 @@ _DUPS = type("_Duplicates", (), {"__repr__": lambda self: "<duplicates>"})()
 
 def _parse(hdr: SafetensorsHeader, raw: bytes) -> None:
     # A backslash first: one memchr finds most headers have no escape at all (~10x faster).
-    if b"\\" in raw and (b"\\ud" in raw or b"\\uD" in raw):  # maybe an escaped lone surrogate
+    hdr.newline_free = b"\\" not in raw
+    if not hdr.newline_free and (b"\\ud" in raw or b"\\uD" in raw):  # maybe an escaped lone surrogate
         text = _text(hdr, raw)
         if text is None:
             return

@@ -88,10 +88,9 @@ def dtype_mismatch(ctx: Context) -> Iterator[Hit]:
     want = CONFIG_DTYPES.get(declared) if isinstance(declared, str) else None
     if want is None:
         return  # absent, "auto", or not a weight dtype
-    counts = dict.fromkeys(WEIGHT_DTYPES, 0)  # elements per dtype (from byte ranges: no shape walk)
-    for h in ckpt.headers().values():
-        for dtype, nbytes in h.dtype_bytes(WEIGHT_DTYPES, SCALE_SUFFIXES).items():
-            counts[dtype] += nbytes // WEIGHT_DTYPES[dtype]
+    if _declared_wins(ckpt, want):
+        return
+    counts = _elements(ckpt, WEIGHT_DTYPES, SCALE_SUFFIXES)
     total = sum(counts.values())
     if not total:
         return
@@ -100,3 +99,25 @@ def dtype_mismatch(ctx: Context) -> Iterator[Hit]:
         yield Hit(f"config.json {key} is {declared!r} ({want}) but the weights are mostly {have} "
                   f"({counts[have]} of {total} floating elements): transformers 5 and vLLM 0.32 with dtype "
                   f"auto cast them to {declared} on load", file=CONFIG_NAME)
+
+
+def _elements(ckpt, dtypes, skip_suffixes=()) -> dict[str, int]:
+    """Elements per dtype of `dtypes` (from byte ranges: no shape walk), leaving out the names that end
+    in one of skip_suffixes."""
+    counts = dict.fromkeys(dtypes, 0)
+    for h in ckpt.headers().values():
+        for dtype, nbytes in h.dtype_bytes(dtypes, skip_suffixes).items():
+            counts[dtype] += nbytes // WEIGHT_DTYPES[dtype]
+    return counts
+
+
+def _declared_wins(ckpt, want: str) -> bool:
+    """Whether the weights are mostly `want` (no finding), shown without testing the names of the other
+    dtypes against the scale suffixes (on an FP8 export, ~45k F32 scales): `want`'s own count against
+    the others' counts with their scales in, which can only be larger. False when that does not
+    show it; dtype_mismatch then counts exactly."""
+    mine = _elements(ckpt, (want,), SCALE_SUFFIXES)[want]
+    upper = _elements(ckpt, WEIGHT_DTYPES)
+    order = list(WEIGHT_DTYPES)  # max() keeps the first of equal counts, in this order
+    return mine > 0 and all(mine > n or (mine == n and order.index(want) < order.index(d))
+                            for d, n in upper.items() if d != want)
