@@ -14,7 +14,7 @@ import struct
 from collections import Counter
 from collections.abc import Iterable
 from functools import cached_property
-from itertools import accumulate, chain, compress, count, repeat
+from itertools import accumulate, chain, compress, repeat
 from math import prod
 from operator import attrgetter, itemgetter, sub
 from pathlib import Path
@@ -345,6 +345,14 @@ def _kind_bytes(kinds) -> list[int] | None:
     return out
 
 
+class _Kinds(dict):
+    """(dtype, shape) -> kind number, numbered in order of first appearance."""
+
+    def __missing__(self, kind):
+        n = self[kind] = len(self)
+        return n
+
+
 _by_range = itemgetter(3, 4)
 _begin, _end = itemgetter(3), itemgetter(4)
 
@@ -379,13 +387,17 @@ def _parse_fast(hdr: SafetensorsHeader, obj: dict, raw: bytes) -> bool:
     if names:
         infos = list(obj.values())
         pairs = list(map(_get_offsets, infos))
-        # Each entry's kind, as the position of its first entry (one hash per entry).
-        where = list(map(first.setdefault, zip(map(_get_dtype, infos), map(_get_shape, infos)), count()))
+        # Each entry's kind number, in order of first appearance: one hash per entry, a C-level
+        # lookup but for the few new kinds (_Kinds.__missing__ numbers them).
+        first = _Kinds()
+        try:
+            ids = bytes(map(first.__getitem__, zip(map(_get_dtype, infos), map(_get_shape, infos))))
+        except ValueError:  # a 256th kind
+            first = _Kinds()
+            ids = list(map(first.__getitem__, zip(map(_get_dtype, infos), map(_get_shape, infos))))
         sizes = _kind_bytes(first)
         if sizes is None:
             return False  # a kind _kind_bytes cannot vouch for: the slow path names the problem
-        number = dict(zip(first.values(), count()))  # first position -> kind number
-        ids = (bytes if len(sizes) < 256 else list)(map(number.__getitem__, where))
         ends = list(accumulate(map(sizes.__getitem__, ids)))
         # The usual layout, contiguous from 0 in name order with each entry its kind's size, is one
         # comparison with the pairs it implies; any other layout is checked column by column.
