@@ -174,35 +174,39 @@ def _ct(r: Resolved, quantized: Collection[str], floats: list[str]) -> Classifie
 def _gptq(r: Resolved, quantized: Collection[str], floats: list[str]) -> Classified:
     # auto_gptq.py / utils/gptq_utils.py: modules_in_block_to_quantize by substring, `dynamic`
     # `-:` regexes by re.match; lm_head is quantized only with `lm_head: true`.
-    unq = _embeddings(floats)
     only = r.extra.get("quantize_only")
     skip = [re.compile(p) for p in r.extra.get("dynamic_skip", [])]
-    for m in _all(quantized, floats):
-        if m in unq:
-            continue
-        if _is_lm_head(m):
-            if not r.extra.get("lm_head"):
-                unq[m] = "lm_head is quantized only with lm_head: true"
-        elif any(p.match(m) for p in skip):
-            unq[m] = "excluded by a `-:` dynamic rule"
-        elif only is not None and not any(o in m for o in only):
-            unq[m] = "not in modules_in_block_to_quantize"
-    return unq, None
+
+    def why(m: str) -> str | None:
+        if any(p.match(m) for p in skip):
+            return "excluded by a `-:` dynamic rule"
+        if only is not None and not any(o in m for o in only):
+            return "not in modules_in_block_to_quantize"
+        return None
+    return _lm_head_or(r, quantized, floats, why)
 
 
 def _awq(r: Resolved, quantized: Collection[str], floats: list[str]) -> Classified:
     # auto_awq.py: modules_to_not_convert by substring; lm_head is quantized only with `lm_head: true`.
+    def why(m: str) -> str | None:
+        hit = next((s for s in r.exclude if s in m), None)
+        return None if hit is None else f"excluded by the substring {hit!r} of modules_to_not_convert"
+    return _lm_head_or(r, quantized, floats, why)
+
+
+def _lm_head_or(r: Resolved, quantized: Collection[str], floats: list[str], why) -> Classified:
+    """GPTQ's and AWQ's walk: embeddings unquantized, lm_head quantized only with `lm_head: true`,
+    every other module as `why(module)` says (a reason, or None: quantized)."""
     unq = _embeddings(floats)
     for m in _all(quantized, floats):
         if m in unq:
             continue
         if _is_lm_head(m):
-            if not r.extra.get("lm_head"):
-                unq[m] = "lm_head is quantized only with lm_head: true"
+            reason = None if r.extra.get("lm_head") else "lm_head is quantized only with lm_head: true"
         else:
-            hit = next((s for s in r.exclude if s in m), None)
-            if hit is not None:
-                unq[m] = f"excluded by the substring {hit!r} of modules_to_not_convert"
+            reason = why(m)
+        if reason:
+            unq[m] = reason
     return unq, None
 
 
