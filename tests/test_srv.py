@@ -278,3 +278,21 @@ KV_A = "model.layers.1.self_attn.kv_a_proj_with_mqa"
 ], ids=["clean", "floor-scale", "expert-scale", "bf16-not-ignored", "input-scale", "router"])
 def test_deepseek_v3_block_fp8(tmp_path, edit, expect):
     assert srv(_deepseek(tmp_path, edit)) == expect
+
+
+@pytest.mark.parametrize("name, qc, why", [
+    ("gptq", {"modules_in_block_to_quantize": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                               ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]]},
+     "not in modules_in_block_to_quantize"),
+    ("gptq", {"dynamic": {r"-:.*o_proj": {}}}, "excluded by a `-:` dynamic rule"),
+    ("awq", {"modules_to_not_convert": ["o_proj"]}, "excluded by the substring 'o_proj' of modules_to_not_convert"),
+])
+def test_quantized_module_the_gptq_awq_config_leaves_out_is_srv005(tmp_path, name, qc, why):
+    """GPTQ's and AWQ's own exclusions: vLLM 0.33 builds those modules unquantized, so their stored
+    quantized tensors have no parameter; each finding names the config's reason."""
+    d = build(tmp_path, name, cfg_edit=lambda c: c.update(qc))
+    found = fqcheck.lint(d, select=["SRV"]).findings
+    o_proj = [f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)]
+    assert [(f.code, f.tensor) for f in found] == [("SRV005", t) for t in o_proj]
+    assert all(f"{name}: {t} is stored quantized but config.json leaves it unquantized ({why})" in f.message
+               for f, t in zip(found, o_proj))
