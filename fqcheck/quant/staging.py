@@ -8,8 +8,9 @@ reaches about a third of the pinned round trip: the host copy out of pageable me
 host's memory bus with both DMA directions (README, Performance).
 (Splitting one weight's pieces over two GPUs, a host thread each, ran 12 GB/s against 28-31 on
 one GPU on an H200 pair; page-locking the source in place with cuMemHostRegister instead of
-copying it ran no faster, 21-32 % against 23-34 % in the same runs, since the driver locks one range
-at a time and an unlock waits for running copies: README, Performance.)
+copying it ran no faster in four designs, 21-34 % against 23-34 % in the same runs: the driver
+locks one range at a time, an unlock waits for running copies, and on a 128 MB weight the first
+lock and the unlocks are not overlapped: README, Performance.)
 """
 from __future__ import annotations
 
