@@ -99,7 +99,8 @@ def lint(path: str | Path, options: Options | None = None, **kw) -> Report:
     (a ValueError) for an unknown code, severity or device, CatalogError for a bad user rule.
     Never writes: an interrupted fix is reported in `notes`, not finished.
     """
-    return lint_checkpoint(Checkpoint.open(path), with_keywords(options, kw), path)
+    with engine.gc_paused():  # until the Checkpoint is gone
+        return lint_checkpoint(Checkpoint.open(path), with_keywords(options, kw), path)
 
 
 def lint_checkpoint(ckpt: Checkpoint, opts: Options, path: str | Path) -> Report:
