@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import mmap
-import tempfile
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from bench_refold import pinned_roundtrip  # this folder: run as python3 bench/probe_host_bus.py
+from bench_refold import mapped_copies, pinned_roundtrip  # this folder: run as python3 bench/probe_host_bus.py
 
 PAGE = mmap.PAGESIZE
 
@@ -61,20 +59,6 @@ def aligned(t: torch.Tensor, n: int) -> torch.Tensor:
     return t[(-t.data_ptr()) % PAGE:][:n]
 
 
-def mapped(n: int):
-    f = tempfile.TemporaryFile()
-    block = b"\1" * (64 << 20)
-    for _ in range(-(-(n + PAGE) // len(block))):
-        f.write(block)
-    f.flush()
-    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.frombuffer(mm, dtype=torch.uint8)
-    t.sum()  # in the page cache and mapped
-    return aligned(t, n), (f, mm)
-
-
 def best(fn, reps: int) -> float:
     return min(fn() for _ in range(reps))
 
@@ -91,7 +75,7 @@ def main() -> None:
     back = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     gpu = torch.empty(n, dtype=torch.uint8, device="cuda")
     anon = aligned(torch.ones(n + PAGE, dtype=torch.uint8), n)
-    file, keep = mapped(n)
+    file = aligned(mapped_copies([torch.ones(n + PAGE, dtype=torch.uint8)])[0], n)  # a read-only map, in the page cache
     s_in, s_out = torch.cuda.Stream(), torch.cuda.Stream()
     roundtrip = pinned_roundtrip([anon], "cuda")  # bench_refold's limit, over n bytes
 
@@ -201,7 +185,6 @@ def main() -> None:
     for chunk in (16 << 20, 32 << 20, 128 << 20):
         row(f"lock + copy in and out chunk by chunk ({chunk >> 20} MB), unlock at the end", n / best(lambda: lock_and_copy(chunk), args.reps) / 1e9)
     print("\n".join(rows))
-    del keep
 
 
 if __name__ == "__main__":
